@@ -1,0 +1,84 @@
+"""scikit-learn's 8x8 handwritten digits (1,797 images, bundled with scikit-learn: no download)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress._lightning import LightningDataModule
+from lightning_compress.data._checks import check_fraction, check_int
+from lightning_compress.data._loaders import make_loader
+
+
+class DigitsDataModule(LightningDataModule):
+    """Digits as float tensors ``(N, 1, 8, 8)``, normalised, with seeded test/val/train splits.
+
+    Sizes with the defaults: 1,797 images -> test 359, val 270, train 1,168.
+    """
+
+    in_channels = 1
+    image_size = 8
+    num_classes = 10
+    total_size = 1797
+    mean = 0.3053  # of pixel / 16 over all 1,797 images
+    std = 0.3760
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        check_int("batch_size", batch_size)
+        check_fraction("val_fraction", val_fraction)
+        check_fraction("test_fraction", test_fraction)
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"`val_fraction` + `test_fraction` must be < 1 to leave training data, got {val_fraction!r} + "
+                f"{test_fraction!r} = {val_fraction + test_fraction!r}."
+            )
+        check_int("seed", seed, minimum=0)
+        check_int("num_workers", num_workers, minimum=0)
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def split_indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train, val, test) indices into the 1,797 images; a function of the seed and fractions alone."""
+        order = np.random.default_rng(self.seed).permutation(self.total_size)
+        n_test = round(self.total_size * self.test_fraction)
+        n_val = round(self.total_size * self.val_fraction)
+        return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and split all of it once (it is tiny); later calls do nothing."""
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.from_numpy(digits.data).float().div_(16.0).sub_(self.mean).div_(self.std).view(-1, 1, 8, 8)
+        labels = torch.from_numpy(digits.target).long()
+        train, val, test = (torch.from_numpy(i) for i in self.split_indices())
+        self.train_set = TensorDataset(images[train], labels[train])
+        self.val_set = TensorDataset(images[val], labels[val])
+        self.test_set = TensorDataset(images[test], labels[test])
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle_seed=self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, self.batch_size, self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return make_loader(self.test_set, self.batch_size, self.num_workers)
