@@ -1,0 +1,76 @@
+"""One real Lightning fit, launched as its own process by ``harness.launch.run_fit``.
+
+Lightning's launcher starts the other ranks by running this same script again. Each rank writes
+``rank{N}.pt`` (the full model state after training, gathered under ZeRO-3, and the global step); rank 0 also
+writes ``initial.pt`` (the weights before the first step).
+
+Usage: python fit_worker.py SPEC.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_compress._lightning import Callback, pl
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.distributed import full_state_dict
+from lightning_compress.models import ImageClassifier
+
+
+class RankSnapshot(Callback):
+    """Saves each rank's full view of the weights when training ends."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = full_state_dict(pl_module)  # collective under ZeRO-3: runs on every rank
+        snapshot = {"state_dict": state, "global_step": trainer.global_step, "world_size": trainer.world_size}
+        torch.save(snapshot, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def build_strategy(spec: dict[str, Any]) -> Any:
+    if spec["strategy"] == "deepspeed":
+        from cpu_deepspeed import CPUDeepSpeedStrategy
+
+        return CPUDeepSpeedStrategy(stage=spec["zero_stage"], micro_batch_size=spec["batch_size"])
+    return spec["strategy"]
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    out_dir = Path(spec["out_dir"])
+    pl.seed_everything(spec["seed"], workers=True)
+    data = DigitsDataModule(batch_size=spec["batch_size"], seed=spec["seed"])
+    model = ImageClassifier(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
+    callbacks: list[Callback] = [RankSnapshot(out_dir)]
+    if spec.get("recipe"):
+        from lightning_compress import load_recipe
+
+        callbacks = load_recipe(spec["recipe"]) + callbacks
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=spec["devices"],
+        strategy=build_strategy(spec),
+        max_steps=spec["max_steps"],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=out_dir,
+    )
+    if trainer.global_rank == 0:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, out_dir / "initial.pt")
+    trainer.fit(model, datamodule=data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

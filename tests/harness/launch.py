@@ -1,0 +1,70 @@
+"""Run a real multi-process Lightning fit in a fresh process and read back what every rank ended with."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+HARNESS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = HARNESS_DIR.parent.parent
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """What to run: ``strategy="ddp"`` or ``"deepspeed"`` (with ``zero_stage``), on ``devices`` CPU processes."""
+
+    strategy: Literal["ddp", "deepspeed"]
+    devices: int = 2
+    zero_stage: int = 0
+    max_steps: int = 6
+    batch_size: int = 32
+    seed: int = 7
+    recipe: str | None = None
+
+
+@dataclass
+class FitResult:
+    ranks: list[dict[str, Any]]
+    initial: dict[str, torch.Tensor]
+    log: str = field(repr=False)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a worker: one thread per process, DeepSpeed's JIT cache inside the checkout."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HARNESS_DIR), env.get("PYTHONPATH")]))
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_NTASKS"):
+        env.pop(var, None)  # a worker launches its own ranks; never inherit another job's
+    return env
+
+
+def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
+    """Run ``spec`` in a new process tree; raise with the tail of its log if any rank fails."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = out_dir / "spec.json"
+    spec_path.write_text(json.dumps({**asdict(spec), "out_dir": str(out_dir)}))
+    proc = subprocess.run(
+        [sys.executable, str(HARNESS_DIR / "fit_worker.py"), str(spec_path)],
+        env=subprocess_env(),
+        cwd=out_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    (out_dir / "fit.log").write_text(proc.stdout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fit {spec} exited with {proc.returncode}; log tail:\n{proc.stdout[-4000:]}")
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(spec.devices)]
+    initial = torch.load(out_dir / "initial.pt", weights_only=True)
+    return FitResult(ranks=ranks, initial=initial, log=proc.stdout)
