@@ -1,0 +1,90 @@
+"""The `lightning-compress` command: demo, recipes through LightningCLI, and refusals before any training."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_compress.cli import main
+from lightning_compress.recipes import validate_recipe_file
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+CONSOLE_SCRIPT = Path(sys.executable).with_name("lightning-compress")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.mark.slow
+def test_demo_trains_and_prints_its_table_from_the_installed_command(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(CONSOLE_SCRIPT), "demo", "--epochs", "3", "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("test accuracy", "parameters", "model size", "training time"):
+        assert row in proc.stdout
+    accuracy = float(re.search(r"test accuracy\s*│\s*([\d.]+)%", proc.stdout).group(1))
+    assert accuracy > 80.0, proc.stdout  # 10 classes: chance is 10 %
+    assert "53,002" in proc.stdout  # the reference CNN on 8x8 inputs
+
+
+def test_demo_rejects_a_non_positive_epoch_count(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "--epochs must be a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_passes_the_safe_loader(recipe: Path) -> None:
+    config = validate_recipe_file(recipe)
+    assert config["model"]["class_path"].startswith("lightning_compress.models.")
+
+
+def test_fit_runs_a_recipe_and_writes_its_checkpoint(tmp_path: Path) -> None:
+    main(["fit", "--config", str(REPO / "recipes/digits_dense.yaml"), "--trainer.max_epochs=1",
+          f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
+    assert (tmp_path / "lightning_logs/version_0/config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_fit_runs_the_fashion_mnist_recipe_on_the_real_data(tmp_path: Path) -> None:
+    main(["fit", "--config", str(REPO / "recipes/fashion_mnist_dense.yaml"), "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2",
+          f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
+
+
+def test_fit_refuses_an_unsafe_recipe_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "executed"
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(
+        "trainer:\n"
+        f"  default_root_dir: {tmp_path}\n"
+        "  callbacks:\n"
+        "    - class_path: os.system\n"
+        f"      init_args: {{command: 'touch {marker}'}}\n"
+        "model: {class_path: lightning_compress.models.ImageClassifier, init_args: {image_size: 8}}\n"
+        "data: {class_path: lightning_compress.data.DigitsDataModule}\n"
+    )
+    assert main(["fit", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "evil.yaml, line 4" in err and "outside the allowed packages" in err
+    assert not marker.exists()
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_unknown_subcommand_lists_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune"]) == 2
+    assert "unknown subcommand 'prune'; valid: demo, fit, validate, test, predict" in capsys.readouterr().out
+
+
+def test_help_lists_demo_and_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "fit --config RECIPE.yaml" in out
