@@ -139,7 +139,7 @@ def _check_union(value: object, annotation: Any) -> Mismatch | None:
     mismatches = [check(value, member) for member in members]
     if any(m is None for m in mismatches):
         return None
-    non_null = [(member, m) for member, m in zip(members, mismatches) if member is not type(None)]
+    non_null = [(member, m) for member, m in zip(members, mismatches, strict=True) if member is not type(None)]
     if len(non_null) == 1 and non_null[0][1] is not None and non_null[0][1].where:
         return non_null[0][1]  # e.g. Optional[list[int]] given [1, "a"]: point at the bad item
     return Mismatch((), annotation, value)
@@ -158,7 +158,7 @@ def _check_sequence(value: object, annotation: Any, container: Any) -> Mismatch 
     if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
         if args == ((),) or len(args) != len(value):  # tuple[()] or a fixed-length tuple
             return Mismatch((), annotation, value)
-        return _first(((index,), item, arg) for index, (item, arg) in enumerate(zip(value, args)))
+        return _first(((index,), item, arg) for index, (item, arg) in enumerate(zip(value, args, strict=True)))
     item_type = args[0] if args else Any
     items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
     return _first(((index,), item, item_type) for index, item in enumerate(items))

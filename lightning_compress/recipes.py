@@ -264,8 +264,10 @@ def _missing_file_hint(file: Path) -> str:
 
 def _directory_hint(folder: Path) -> str:
     recipes = sorted(child.name for child in folder.iterdir() if child.suffix in {".yaml", ".yml"})
-    return f"name a file in it, e.g. {_alternatives(str(folder / r) for r in recipes[:3])}." if recipes else (
-        "name a .yaml recipe file."
+    return (
+        f"name a file in it, e.g. {_alternatives(str(folder / r) for r in recipes[:3])}."
+        if recipes
+        else ("name a .yaml recipe file.")
     )
 
 
@@ -598,7 +600,8 @@ def _normalized(config: Mapping[object, Any], specs: Sequence[_CallbackSpec]) ->
         if config["trainer"].get("callbacks") is not None:
             entries = config["trainer"]["callbacks"]
             trainer["callbacks"] = [
-                {**copy.deepcopy(entry), "class_path": spec.class_path} for entry, spec in zip(entries, specs)
+                {**copy.deepcopy(entry), "class_path": spec.class_path}
+                for entry, spec in zip(entries, specs, strict=True)
             ]
         elif "callbacks" in config["trainer"]:
             trainer["callbacks"] = None

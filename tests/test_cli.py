@@ -22,7 +22,10 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 def test_demo_trains_and_prints_its_table_from_the_installed_command(tmp_path: Path) -> None:
     proc = subprocess.run(
         [str(CONSOLE_SCRIPT), "demo", "--epochs", "3", "--no-progress"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("test accuracy", "parameters", "model size", "training time"):
@@ -46,17 +49,34 @@ def test_every_shipped_recipe_passes_the_safe_loader(recipe: Path) -> None:
 
 
 def test_fit_runs_a_recipe_and_writes_its_checkpoint(tmp_path: Path) -> None:
-    main(["fit", "--config", str(REPO / "recipes/digits_dense.yaml"), "--trainer.max_epochs=1",
-          f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes/digits_dense.yaml"),
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
     assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
     assert (tmp_path / "lightning_logs/version_0/config.yaml").is_file()
 
 
 @pytest.mark.slow
 def test_fit_runs_the_fashion_mnist_recipe_on_the_real_data(tmp_path: Path) -> None:
-    main(["fit", "--config", str(REPO / "recipes/fashion_mnist_dense.yaml"), "--trainer.max_epochs=1",
-          "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2",
-          f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes/fashion_mnist_dense.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=5",
+            "--trainer.limit_val_batches=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
     assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
 
 

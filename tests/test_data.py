@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_compress.data import DigitsDataModule, FashionMNISTDataModule, MissingDataError, RottenTomatoesDataModule
-from lightning_compress.data import fashion_mnist, rotten_tomatoes
+from lightning_compress.data import (
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    MissingDataError,
+    RottenTomatoesDataModule,
+    fashion_mnist,
+    rotten_tomatoes,
+)
 
 
 @pytest.fixture
@@ -49,7 +55,7 @@ def test_digits_sizes_shapes_and_labels(no_network: None) -> None:
 
 def test_digits_splits_deterministic_and_disjoint() -> None:
     a, b, other = DigitsDataModule(seed=3), DigitsDataModule(seed=3), DigitsDataModule(seed=4)
-    for x, y in zip(a.split_indices(), b.split_indices()):
+    for x, y in zip(a.split_indices(), b.split_indices(), strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.split_indices()[2], other.split_indices()[2])
     assert_disjoint_cover(list(a.split_indices()), total=1797)
@@ -185,7 +191,7 @@ def test_rotten_tomatoes_splits_deterministic_and_disjoint() -> None:
     train, val, test = a.split_indices()
     assert (len(train), len(val), len(test)) == (12808 - 3000, 1000, 2000)
     assert_disjoint_cover([train, val, test], total=12808)
-    for x, y in zip(a.split_indices(), b.split_indices()):
+    for x, y in zip(a.split_indices(), b.split_indices(), strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(test, RottenTomatoesDataModule(seed=6).split_indices()[2])
     np.testing.assert_array_equal(RottenTomatoesDataModule(seed=5, limit_train=10).split_indices()[2], test)

@@ -11,6 +11,7 @@ from lightning_compress._lightning import pl
 from lightning_compress.data import DigitsDataModule, MissingDataError, RottenTomatoesDataModule
 from lightning_compress.models import ImageClassifier, MiniLMClassifier, ReferenceCNN, minilm_path
 
+
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

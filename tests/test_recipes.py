@@ -14,11 +14,11 @@ from typing import Literal
 
 import pytest
 import yaml
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
 from lightning_compress import RecipeError, load_recipe
 from lightning_compress._lightning import Callback
 from lightning_compress.recipes import validate_recipe_file
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
 HERE = __name__  # the class paths of the callbacks defined in this file start with it
 
@@ -36,7 +36,12 @@ class AnnotatedCallback(Callback):
         output: Path | None = None,
     ) -> None:
         self.steps, self.mode, self.include, self.ratio, self.enabled, self.output = (
-            steps, mode, include, ratio, enabled, output,
+            steps,
+            mode,
+            include,
+            ratio,
+            enabled,
+            output,
         )
 
 
@@ -138,8 +143,11 @@ def test_short_names_cover_the_callbacks_lightning_compress_exports(
     monkeypatch.setattr(lightning_compress, "EarlyStopping", KwargsCallback, raising=False)
     monkeypatch.setattr(lightning_compress, "__all__", [*lightning_compress.__all__, "EarlyStopping"])
     recipe = write(tmp_path, "trainer:\n  callbacks:\n    - class_path: EarlyStopping\n")
-    with pytest.raises(RecipeError, match=r"line 3, .*short name 'EarlyStopping' is ambiguous: lightning_compress\."
-                       r"EarlyStopping, pytorch_lightning\.callbacks\.EarlyStopping\nHINT: write the full class path"):
+    with pytest.raises(
+        RecipeError,
+        match=r"line 3, .*short name 'EarlyStopping' is ambiguous: lightning_compress\."
+        r"EarlyStopping, pytorch_lightning\.callbacks\.EarlyStopping\nHINT: write the full class path",
+    ):
         load_recipe(recipe)
 
 
@@ -229,8 +237,11 @@ BAD_RECIPES = {
         trainer: {}
         modle: {}
         """,
-        [r"recipe\.yaml, line 2, `modle`: unknown top-level key 'modle'", "valid: seed_everything, trainer, model, "
-         "data, optimizer, lr_scheduler, ckpt_path", r"HINT: did you mean `model`\?"],
+        [
+            r"recipe\.yaml, line 2, `modle`: unknown top-level key 'modle'",
+            "valid: seed_everything, trainer, model, data, optimizer, lr_scheduler, ckpt_path",
+            r"HINT: did you mean `model`\?",
+        ],
     ),
     "duplicate-key": (
         """
@@ -250,8 +261,11 @@ BAD_RECIPES = {
         trainer:
           max_epoch: 3
         """,
-        [r"recipe\.yaml, line 2, `trainer\.max_epoch`: unknown Trainer argument 'max_epoch'", "max_steps",
-         r"HINT: did you mean `max_epochs`"],
+        [
+            r"recipe\.yaml, line 2, `trainer\.max_epoch`: unknown Trainer argument 'max_epoch'",
+            "max_steps",
+            r"HINT: did you mean `max_epochs`",
+        ],
     ),
     "callbacks-not-a-list": (
         """
@@ -259,8 +273,11 @@ BAD_RECIPES = {
           callbacks:
             class_path: ModelCheckpoint
         """,
-        [r"recipe\.yaml, line 2, `trainer\.callbacks`: `trainer\.callbacks` must be a list", r"\(mapping\)",
-         "HINT: start each entry with '- '"],
+        [
+            r"recipe\.yaml, line 2, `trainer\.callbacks`: `trainer\.callbacks` must be a list",
+            r"\(mapping\)",
+            "HINT: start each entry with '- '",
+        ],
     ),
     "entry-not-a-mapping": (
         """
@@ -268,8 +285,10 @@ BAD_RECIPES = {
           callbacks:
             - ModelCheckpoint
         """,
-        [r"recipe\.yaml, line 3, `trainer\.callbacks\[0\]`: a callback entry must be a mapping",
-         "HINT: write `- class_path: ModelCheckpoint`"],
+        [
+            r"recipe\.yaml, line 3, `trainer\.callbacks\[0\]`: a callback entry must be a mapping",
+            "HINT: write `- class_path: ModelCheckpoint`",
+        ],
     ),
     "entry-missing-class-path": (
         """
@@ -287,8 +306,11 @@ BAD_RECIPES = {
             - class_path: ModelCheckpoint
               init_arg: {monitor: val_loss}
         """,
-        [r"recipe\.yaml, line 4, `trainer\.callbacks\[0\]\.init_arg`: unknown callback entry key 'init_arg'",
-         "valid: class_path, init_args", r"HINT: did you mean `init_args`\?"],
+        [
+            r"recipe\.yaml, line 4, `trainer\.callbacks\[0\]\.init_arg`: unknown callback entry key 'init_arg'",
+            "valid: class_path, init_args",
+            r"HINT: did you mean `init_args`\?",
+        ],
     ),
     "class-path-not-a-string": (
         """
@@ -304,8 +326,11 @@ BAD_RECIPES = {
           callbacks:
             - class_path: ModelCheckpont
         """,
-        [r"recipe\.yaml, line 3, `trainer\.callbacks\[0\]\.class_path`: unknown callback class 'ModelCheckpont'",
-         "EarlyStopping", r"HINT: did you mean `ModelCheckpoint`"],
+        [
+            r"recipe\.yaml, line 3, `trainer\.callbacks\[0\]\.class_path`: unknown callback class 'ModelCheckpont'",
+            "EarlyStopping",
+            r"HINT: did you mean `ModelCheckpoint`",
+        ],
     ),
     "unknown-class-in-allowed-module": (
         """
@@ -315,9 +340,12 @@ BAD_RECIPES = {
             - class_path: pytorch_lightning.callbacks.EarlyStoping
               init_args: {monitor: val_loss}
         """,
-        [r"recipe\.yaml, line 4, `trainer\.callbacks\[1\]\.class_path`: unknown callback class "
-         r"'pytorch_lightning\.callbacks\.EarlyStoping'", "has no attribute 'EarlyStoping'",
-         r"HINT: did you mean `pytorch_lightning\.callbacks\.EarlyStopping`\?"],
+        [
+            r"recipe\.yaml, line 4, `trainer\.callbacks\[1\]\.class_path`: unknown callback class "
+            r"'pytorch_lightning\.callbacks\.EarlyStoping'",
+            "has no attribute 'EarlyStoping'",
+            r"HINT: did you mean `pytorch_lightning\.callbacks\.EarlyStopping`\?",
+        ],
     ),
     "os-system-outside-allow-list": (
         """
@@ -326,8 +354,10 @@ BAD_RECIPES = {
             - class_path: os.system
               init_args: {command: "touch {marker}"}
         """,
-        [r"recipe\.yaml, line 3, `trainer\.callbacks\[0\]\.class_path`: class 'os\.system' is outside the allowed "
-         r"packages \(lightning_compress\., pytorch_lightning\.callbacks\.\); it was not imported"],
+        [
+            r"recipe\.yaml, line 3, `trainer\.callbacks\[0\]\.class_path`: class 'os\.system' is outside the allowed "
+            r"packages \(lightning_compress\., pytorch_lightning\.callbacks\.\); it was not imported"
+        ],
     ),
     "subprocess-popen-outside-allow-list": (
         """
@@ -352,8 +382,11 @@ BAD_RECIPES = {
           callbacks:
             - class_path: lightning_compress._lightning.Callback
         """,
-        [r"recipe\.yaml, line 3, .*: class path 'lightning_compress\._lightning\.Callback' has private part\(s\) "
-         r"_lightning", "public classes only"],
+        [
+            r"recipe\.yaml, line 3, .*: class path 'lightning_compress\._lightning\.Callback' has private part\(s\) "
+            r"_lightning",
+            "public classes only",
+        ],
     ),
     "class-not-a-callback": (
         """
@@ -361,8 +394,10 @@ BAD_RECIPES = {
           callbacks:
             - class_path: lightning_compress.recipes.RecipeError
         """,
-        [r"recipe\.yaml, line 3, .*'lightning_compress\.recipes\.RecipeError' is not a Lightning Callback",
-         "it was not instantiated"],
+        [
+            r"recipe\.yaml, line 3, .*'lightning_compress\.recipes\.RecipeError' is not a Lightning Callback",
+            "it was not instantiated",
+        ],
     ),
     "lightning-class-not-a-callback": (
         """
@@ -370,8 +405,10 @@ BAD_RECIPES = {
           callbacks:
             - class_path: pytorch_lightning.callbacks.progress.tqdm_progress.Tqdm
         """,
-        [r"recipe\.yaml, line 3, .*'pytorch_lightning\.callbacks\.progress\.tqdm_progress\.Tqdm' is not a "
-         "Lightning Callback"],
+        [
+            r"recipe\.yaml, line 3, .*'pytorch_lightning\.callbacks\.progress\.tqdm_progress\.Tqdm' is not a "
+            "Lightning Callback"
+        ],
     ),
     "function-not-a-class": (
         """
@@ -380,8 +417,10 @@ BAD_RECIPES = {
             - class_path: lightning_compress.recipes.load_recipe
               init_args: {path: "{marker}"}
         """,
-        [r"recipe\.yaml, line 3, .*'lightning_compress\.recipes\.load_recipe' is a function, not a class",
-         "it was not called"],
+        [
+            r"recipe\.yaml, line 3, .*'lightning_compress\.recipes\.load_recipe' is a function, not a class",
+            "it was not called",
+        ],
     ),
     "module-reached-through-an-allowed-one": (
         """
@@ -399,8 +438,10 @@ BAD_RECIPES = {
             - class_path: EarlyStopping
               init_args: [val_loss, 3]
         """,
-        [r"recipe\.yaml, line 4, `trainer\.callbacks\[0\]\.init_args`: `init_args` must be a mapping",
-         r"\['val_loss', 3\] \(list\)"],
+        [
+            r"recipe\.yaml, line 4, `trainer\.callbacks\[0\]\.init_args`: `init_args` must be a mapping",
+            r"\['val_loss', 3\] \(list\)",
+        ],
     ),
     "unknown-init-argument": (
         """
@@ -411,8 +452,12 @@ BAD_RECIPES = {
                 monitor: val_loss
                 patiense: 3
         """,
-        [r"recipe\.yaml, line 6, `trainer\.callbacks\[0\]\.init_args\.patiense`: EarlyStopping has no argument "
-         "'patiense'", "valid arguments: monitor, min_delta, patience, ", r"HINT: did you mean `patience`\?"],
+        [
+            r"recipe\.yaml, line 6, `trainer\.callbacks\[0\]\.init_args\.patiense`: EarlyStopping has no argument "
+            "'patiense'",
+            "valid arguments: monitor, min_delta, patience, ",
+            r"HINT: did you mean `patience`\?",
+        ],
     ),
     "missing-required-argument": (
         """
@@ -432,8 +477,10 @@ BAD_RECIPES = {
                 monitor: val_loss
                 patience: three
         """,
-        [r"recipe\.yaml, line 6, `trainer\.callbacks\[0\]\.init_args\.patience`: EarlyStopping argument `patience` "
-         r"expects int, got 'three' \(str\)"],
+        [
+            r"recipe\.yaml, line 6, `trainer\.callbacks\[0\]\.init_args\.patience`: EarlyStopping argument `patience` "
+            r"expects int, got 'three' \(str\)"
+        ],
     ),
     "wrong-type-bool-for-int": (
         """
@@ -442,8 +489,10 @@ BAD_RECIPES = {
             - class_path: ModelCheckpoint
               init_args: {save_top_k: true}
         """,
-        [r"recipe\.yaml, line 4, `trainer\.callbacks\[0\]\.init_args\.save_top_k`: .*expects int, got True \(bool\)",
-         "HINT: true/false are booleans; write a number"],
+        [
+            r"recipe\.yaml, line 4, `trainer\.callbacks\[0\]\.init_args\.save_top_k`: .*expects int, got True \(bool\)",
+            "HINT: true/false are booleans; write a number",
+        ],
     ),
     "wrong-type-yaml-1.1-float": (
         """
@@ -452,8 +501,10 @@ BAD_RECIPES = {
             - class_path: EarlyStopping
               init_args: {monitor: val_loss, min_delta: 1e-3}
         """,
-        [r"line 4, `trainer\.callbacks\[0\]\.init_args\.min_delta`: .*expects float, got '1e-3' \(str\)",
-         r"HINT: .*1\.0e-3"],
+        [
+            r"line 4, `trainer\.callbacks\[0\]\.init_args\.min_delta`: .*expects float, got '1e-3' \(str\)",
+            r"HINT: .*1\.0e-3",
+        ],
     ),
     "wrong-literal": (
         """
@@ -462,8 +513,10 @@ BAD_RECIPES = {
             - class_path: LearningRateMonitor
               init_args: {logging_interval: epochs}
         """,
-        [r"line 4, .*`logging_interval` expects 'step' \| 'epoch' \| null, got 'epochs' \(str\)",
-         r"HINT: did you mean 'epoch'\?"],
+        [
+            r"line 4, .*`logging_interval` expects 'step' \| 'epoch' \| null, got 'epochs' \(str\)",
+            r"HINT: did you mean 'epoch'\?",
+        ],
     ),
     "constructor-raises": (
         """
@@ -473,8 +526,11 @@ BAD_RECIPES = {
             - class_path: EarlyStopping
               init_args: {monitor: val_loss, mode: sideways}
         """,
-        [r"recipe\.yaml, line 4, `trainer\.callbacks\[1\]`: pytorch_lightning\.callbacks\.EarlyStopping\(\.\.\.\) "
-         "raised MisconfigurationException", "`mode` can be min, max, got sideways"],
+        [
+            r"recipe\.yaml, line 4, `trainer\.callbacks\[1\]`: pytorch_lightning\.callbacks\.EarlyStopping\(\.\.\.\) "
+            "raised MisconfigurationException",
+            "`mode` can be min, max, got sideways",
+        ],
     ),
 }
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_compress._lightning import LightningDataModule
 from lightning_compress.data._checks import check_fraction, check_int
-from lightning_compress.data._loaders import make_loader
+from lightning_compress.data._loaders import SplitDataModule
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """Digits as float tensors ``(N, 1, 8, 8)``, normalised, with seeded test/val/train splits.
 
     Sizes with the defaults: 1,797 images -> test 359, val 270, train 1,168.
@@ -73,12 +72,3 @@ class DigitsDataModule(LightningDataModule):
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
         self.test_set = TensorDataset(images[test], labels[test])
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle_seed=self.seed)
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return make_loader(self.test_set, self.batch_size, self.num_workers)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_compress._lightning import LightningDataModule
 from lightning_compress.data._checks import check_int
-from lightning_compress.data._loaders import make_loader
+from lightning_compress.data._loaders import SplitDataModule
 from lightning_compress.data.errors import MissingDataError
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -31,7 +30,9 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
         raw = f.read()
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != ndim:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes with {ndim} dimension(s) (magic {raw[:4].hex()}).")
+        raise ValueError(
+            f"{path} is not an idx file of unsigned bytes with {ndim} dimension(s) (magic {raw[:4].hex()})."
+        )
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     data = np.frombuffer(raw, dtype=np.uint8, offset=header)
     if data.size != int(np.prod(shape)):
@@ -53,10 +54,11 @@ class _NormalisedImages(Dataset):
         return x, self.labels[i]
 
 
-class FashionMNISTDataModule(LightningDataModule):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST as float tensors ``(N, 1, 28, 28)``; val = a seeded ``val_size`` of the 60k train, test = t10k.
 
-    The folder is ``data_dir``, else ``$LIGHTNING_COMPRESS_FASHION_MNIST_DIR``, else ``/usr/share/datasets/fashion-mnist``.
+    The folder is ``data_dir``, else ``$LIGHTNING_COMPRESS_FASHION_MNIST_DIR``, else
+    ``/usr/share/datasets/fashion-mnist`` (where Debian's ``dataset-fashion-mnist`` puts it).
     """
 
     in_channels = 1
@@ -122,15 +124,3 @@ class FashionMNISTDataModule(LightningDataModule):
             self.val_set = _NormalisedImages(images[val], labels[val], self.mean, self.std)
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = _NormalisedImages(*self._load("test"), self.mean, self.std)
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle_seed=self.seed)
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return make_loader(self.test_set, self.batch_size, self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        return make_loader(self.test_set, self.batch_size, self.num_workers)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_compress._lightning import LightningDataModule
 from lightning_compress.data._checks import check_int
-from lightning_compress.data._loaders import make_loader
+from lightning_compress.data._loaders import SplitDataModule
 from lightning_compress.data.errors import MissingDataError
 
 CSV_NAME = "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -60,7 +59,7 @@ class _Encoded(Dataset):
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
 
 
-class RottenTomatoesDataModule(LightningDataModule):
+class RottenTomatoesDataModule(SplitDataModule):
     """Binary sentiment (fresh=1 / rotten=0), 12,808 labelled snippets, tokenised for MiniLM to ``max_length``.
 
     Seeded split: ``test_size`` held out, then ``val_size``, the rest train (cut to ``limit_train`` if set).
@@ -133,12 +132,3 @@ class RottenTomatoesDataModule(LightningDataModule):
 
         train, val, test = self.split_indices(len(labels))
         self.train_set, self.val_set, self.test_set = encode(train), encode(val), encode(test)
-
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle_seed=self.seed)
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return make_loader(self.test_set, self.batch_size, self.num_workers)

@@ -12,7 +12,10 @@ from lightning_compress._lightning import LightningModule
 
 
 class ClassifierBase(LightningModule):
-    """Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``; subclasses define ``logits_and_targets``."""
+    """Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
+
+    Subclasses define ``logits_and_targets(batch)``.
+    """
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()

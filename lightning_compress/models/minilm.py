@@ -39,7 +39,9 @@ class MiniLMClassifier(ClassifierBase):
     Loads offline from the installed package (~5 s).
     """
 
-    def __init__(self, num_classes: int = 2, lr: float = 2e-5, weight_decay: float = 0.01, dropout: float = 0.1) -> None:
+    def __init__(
+        self, num_classes: int = 2, lr: float = 2e-5, weight_decay: float = 0.01, dropout: float = 0.1
+    ) -> None:
         check_int("num_classes", num_classes, minimum=2)
         check_positive_float("lr", lr)
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
@@ -66,8 +68,11 @@ class MiniLMClassifier(ClassifierBase):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
-        for name, param in self.named_parameters():
+        for _name, param in self.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 else decay).append(param)  # no decay on biases and LayerNorm
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         return torch.optim.AdamW(groups, lr=self.hparams.lr)

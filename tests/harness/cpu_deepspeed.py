@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 import torch
-from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning_fabric.utilities.seed import reset_seed
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 
 
 def skip_shm_comm_build() -> None:

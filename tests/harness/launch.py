@@ -31,6 +31,7 @@ class FitSpec:
 
 @dataclass
 class FitResult:
+    spec: FitSpec
     ranks: list[dict[str, Any]]
     initial: dict[str, torch.Tensor]
     log: str = field(repr=False)
@@ -67,4 +68,4 @@ def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
         raise RuntimeError(f"fit {spec} exited with {proc.returncode}; log tail:\n{proc.stdout[-4000:]}")
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(spec.devices)]
     initial = torch.load(out_dir / "initial.pt", weights_only=True)
-    return FitResult(ranks=ranks, initial=initial, log=proc.stdout)
+    return FitResult(spec=spec, ranks=ranks, initial=initial, log=proc.stdout)
