@@ -1,0 +1,282 @@
+"""GradualPruning: magnitude pruning on a schedule, exact on resume, intact under DDP and DeepSpeed ZeRO-1/2/3."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress import distributed, schedules
+from lightning_compress._lightning import Callback, pl
+from lightning_compress.pruning.patterns import Pattern, Scope, compute_masks, input_dim
+from lightning_compress.schedules import ScheduleName
+from lightning_compress.targeting import Targeting
+
+SCOPES: tuple[str, ...] = ("global", "layer")
+
+
+class GradualPruning(Callback):
+    r"""Prune the targeted Linear/Conv weights from 0 to ``target_sparsity`` between ``start_step`` and ``end_step``.
+
+    Every ``update_every`` optimizer steps the masks are recomputed from the current weights (magnitude for
+    ``unstructured`` and ``N:M``, row L2 norm for ``channel``) at the sparsity the named ``schedule`` gives for
+    that step (Zhu & Gupta's ``cubic`` by default); after every optimizer step the masked weights are set to exactly
+    zero, in the module and in DeepSpeed's fp32 master copy, so momentum cannot revive them. No hooks or
+    reparametrisation: the module stays a plain module, deep-copyable and ready for export.
+
+    Args:
+        target_sparsity: fraction of the targeted weights that are zero from ``end_step`` on, in [0, 1).
+            For an ``N:M`` pattern it is implied (1 - N/M) and may be omitted.
+        start_step: optimizer step (``trainer.global_step``) at which pruning starts.
+        end_step: step at which the target is reached; it holds after.
+        update_every: steps between mask updates.
+        schedule: ``cubic``, ``linear``, ``exponential`` or ``constant`` (all at once at ``start_step``).
+        pattern: ``unstructured``, ``channel`` or ``N:M`` such as ``2:4``.
+        scope: ``global`` (one ranking across the targeted layers) or ``layer`` (each layer reaches the target).
+        include: regular expressions for qualified module names to prune (whole-name match); default all.
+        exclude: regular expressions for module names to leave dense (e.g. the classifier head).
+        rewind_step: lottery-ticket rewinding: the surviving weights are reset to their values at this step once
+            the final masks are set at ``end_step``. ``None`` (default) keeps the trained values.
+        log_per_layer: also log ``compress/sparsity/<layer>`` for each pruned layer.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float | None = None,
+        start_step: int = 0,
+        end_step: int | None = None,
+        update_every: int = 10,
+        schedule: ScheduleName = "cubic",
+        pattern: str = "unstructured",
+        scope: Literal["global", "layer"] = "global",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        rewind_step: int | None = None,
+        log_per_layer: bool = True,
+    ) -> None:
+        self.pattern = Pattern.parse(pattern)
+        self.target_sparsity = _check_target(target_sparsity, self.pattern)
+        _check_steps(start_step, end_step, update_every, rewind_step)
+        if schedule not in schedules.SCHEDULES:
+            raise ValueError(
+                f"`schedule` must be one of {', '.join(schedules.SCHEDULES)}; got {schedule!r}."
+                " HINT: 'cubic' (Zhu & Gupta 2017) prunes fast early and gently near the target."
+            )
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be 'global' or 'layer'; got {scope!r}.")
+        if self.pattern.kind == "channel" and scope == "global":
+            raise ValueError(
+                "`pattern`='channel' with `scope`='global' is not supported: channel norms of layers of different"
+                " widths are not comparable. HINT: use scope='layer' (every layer loses the same share of channels)."
+            )
+        self.start_step, self.end_step, self.update_every = start_step, end_step, update_every
+        self.schedule: ScheduleName = schedule
+        self.scope: Scope = scope
+        self.targeting = Targeting.from_arguments(include, exclude)
+        self.include, self.exclude = include, exclude
+        self.rewind_step = rewind_step
+        self.log_per_layer = log_per_layer
+        # State (saved in checkpoints): the masks by parameter name, the sparsity they were built for, the step
+        # last masked, and the weights to rewind to.
+        self.masks: dict[str, torch.Tensor] = {}
+        self.mask_sparsity = 0.0
+        self.last_step = -1
+        self.rewind_values: dict[str, torch.Tensor] = {}
+        self._targets: dict[str, str] = {}  # weight parameter name -> module name
+        self._params: dict[str, nn.Parameter] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(pattern=str(self.pattern), include=self.include, exclude=self.exclude)
+
+    # ------------------------------------------------------------------------------------------------ policy
+
+    def scheduled_sparsity(self, step: int) -> float:
+        """The sparsity the schedule asks for after ``step`` optimizer steps. Override for a custom schedule."""
+        return schedules.value_at(
+            step,
+            schedule=self.schedule,
+            target=self.target_sparsity,
+            start_step=self.start_step,
+            end_step=self.end_step,
+            update_every=self.update_every,
+        )
+
+    def should_update(self, step: int) -> bool:
+        """Whether the masks are recomputed after ``step`` optimizer steps (on the update grid)."""
+        if step < self.start_step or step > self.end_step:
+            return False
+        return step == self.end_step or (step - self.start_step) % self.update_every == 0
+
+    # ------------------------------------------------------------------------------------------------ hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        modules = self.targeting.select(pl_module)
+        self._targets = {}
+        for name, module in modules.items():
+            if self.pattern.kind == "n:m" and input_dim(distributed.full_shape(module.weight)) % self.pattern.m:
+                raise ValueError(
+                    f"`pattern`={str(self.pattern)!r} needs the input dimension of every pruned layer to be a multiple"
+                    f" of M={self.pattern.m}, but {name} ({type(module).__name__}) has"
+                    f" {input_dim(distributed.full_shape(module.weight))}. HINT: add {name!r} to `exclude`."
+                )
+            self._targets[f"{name}.weight"] = name
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._params = {name: pl_module.get_parameter(name) for name in self._targets}
+        if self.pattern.kind == "channel":  # a pruned channel's bias goes too, so the channel is really dead
+            for module_name in self._targets.values():
+                if getattr(pl_module.get_submodule(module_name), "bias", None) is not None:
+                    self._params[f"{module_name}.bias"] = pl_module.get_parameter(f"{module_name}.bias")
+        self.masks = {name: mask.to(self._params[name].device) for name, mask in self.masks.items()}
+        step = trainer.global_step
+        if self.rewind_step == step and not self.rewind_values:
+            self._snapshot_for_rewind()
+        if self.masks:  # resumed: re-apply what was saved
+            self._apply_masks()
+        self._update(pl_module, step, log=False)  # Lightning allows no logging in on_train_start
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self.last_step:  # no optimizer step in this batch (gradient accumulation)
+            return
+        if self.masks:
+            self._apply_masks()
+        if step == self.rewind_step and not self.rewind_values:
+            self._snapshot_for_rewind()
+        self._update(pl_module, step, log=self.log_per_layer)
+        pl_module.log("compress/sparsity", self.sparsity(), prog_bar=True, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks:
+            self._apply_masks()  # fold: the weights themselves hold the zeros; nothing else remains
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "mask_sparsity": self.mask_sparsity,
+            "last_step": self.last_step,
+            "rewind_values": {name: value.cpu() for name, value in self.rewind_values.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masks = dict(state_dict["masks"])
+        self.mask_sparsity = float(state_dict["mask_sparsity"])
+        self.last_step = int(state_dict["last_step"])
+        self.rewind_values = dict(state_dict["rewind_values"])
+
+    # ------------------------------------------------------------------------------------------------ work
+
+    def sparsity(self) -> float:
+        """Fraction of the targeted weights that the masks zero (biases not counted)."""
+        weights = [self.masks[name] for name in self._targets if name in self.masks]
+        total = sum(mask.numel() for mask in weights)
+        return sum(int((~mask).sum()) for mask in weights) / total if total else 0.0
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {
+            module: float((~self.masks[weight]).float().mean()) for weight, module in self._targets.items()
+            if weight in self.masks
+        }
+
+    def _update(self, pl_module: pl.LightningModule, step: int, log: bool) -> None:
+        """Recompute the masks if ``step`` is on the update grid and the schedule asks for more sparsity."""
+        self.last_step = step
+        if not self.should_update(step):
+            return
+        sparsity = self.scheduled_sparsity(step)
+        if sparsity > self.mask_sparsity or not self.masks:
+            names = list(self._targets)
+            weights = dict(zip(names, distributed.full_values([self._params[n] for n in names]), strict=True))
+            masks = compute_masks(self.pattern, self.scope, sparsity, weights, self.masks)
+            if self.pattern.kind == "channel":
+                masks.update(self._bias_masks(masks))
+            self.masks, self.mask_sparsity = masks, sparsity
+        if step >= self.end_step and self.rewind_values:
+            self._rewind()
+        self._apply_masks()
+        if log:
+            pl_module.log_dict(
+                {f"compress/sparsity/{layer}": value for layer, value in self.layer_sparsity().items()},
+                on_step=True,
+                on_epoch=False,
+            )
+
+    def _bias_masks(self, weight_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            f"{module}.bias": weight_masks[weight].flatten(1).any(dim=1)
+            for weight, module in self._targets.items()
+            if f"{module}.bias" in self._params
+        }
+
+    def _apply_masks(self) -> None:
+        names = [name for name in self._params if name in self.masks]
+        device_masks = [self.masks[n] for n in names]
+        distributed.mask_([self._params[n] for n in names], device_masks)
+
+    def _snapshot_for_rewind(self) -> None:
+        names = list(self._params)
+        values = distributed.full_values([self._params[n] for n in names])
+        self.rewind_values = {n: v.cpu() for n, v in zip(names, values, strict=True)}
+
+    def _rewind(self) -> None:
+        names = [n for n in self._params if n in self.rewind_values]
+        distributed.write_full_([self._params[n] for n in names], [self.rewind_values[n] for n in names])
+        self.rewind_values = {}
+
+
+def _check_target(target_sparsity: float | None, pattern: Pattern) -> float:
+    fixed = pattern.fixed_sparsity
+    if fixed is not None:
+        if target_sparsity is not None and abs(target_sparsity - fixed) > 1e-9:
+            raise ValueError(
+                f"`target_sparsity`={target_sparsity!r} contradicts `pattern`={str(pattern)!r}, which keeps"
+                f" {pattern.n} of every {pattern.m} weights: its sparsity is {fixed:g}. HINT: omit target_sparsity."
+            )
+        return fixed
+    if target_sparsity is None:
+        raise ValueError(f"`target_sparsity` is required for `pattern`={str(pattern)!r}: a fraction in [0, 1).")
+    if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)):
+        raise ValueError(f"`target_sparsity` must be a number in [0, 1); got {target_sparsity!r}.")
+    if not 0.0 <= target_sparsity < 1.0:
+        raise ValueError(
+            f"`target_sparsity` must be in [0, 1) (the fraction of targeted weights set to zero); got"
+            f" {target_sparsity!r}. HINT: 0.9 means 90 % zeros."
+        )
+    return float(target_sparsity)
+
+
+def _check_steps(start_step: int, end_step: int | None, update_every: int, rewind_step: int | None) -> None:
+    for name, value in (("start_step", start_step), ("update_every", update_every)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`{name}` must be an integer; got {value!r}.")
+    if start_step < 0:
+        raise ValueError(f"`start_step` must be >= 0; got {start_step}.")
+    if end_step is None or isinstance(end_step, bool) or not isinstance(end_step, int):
+        raise ValueError(f"`end_step` must be an integer step after `start_step`={start_step}; got {end_step!r}.")
+    if end_step <= start_step:
+        raise ValueError(
+            f"`end_step` must be greater than `start_step`: got end_step={end_step}, start_step={start_step}."
+            " HINT: for one-shot pruning use schedule='constant' with end_step=start_step + 1."
+        )
+    if update_every <= 0:
+        raise ValueError(f"`update_every` must be a positive number of optimizer steps; got {update_every}.")
+    if rewind_step is not None and (
+        isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or not 0 <= rewind_step < end_step
+    ):
+        raise ValueError(
+            f"`rewind_step` must be an integer in [0, end_step={end_step}) or None; got {rewind_step!r}."
+        )
