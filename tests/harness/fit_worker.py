@@ -20,17 +20,22 @@ from lightning_compress._lightning import Callback, pl
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.distributed import full_state_dict
 from lightning_compress.models import ImageClassifier
+from mask_watch import MaskWatch
 
 
 class RankSnapshot(Callback):
-    """Saves each rank's full view of the weights when training ends."""
+    """Saves each rank's full view of the weights when training ends (and what a MaskWatch saw)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, watch: MaskWatch | None = None) -> None:
         self.out_dir = out_dir
+        self.watch = watch
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = full_state_dict(pl_module)  # collective under ZeRO-3: runs on every rank
         snapshot = {"state_dict": state, "global_step": trainer.global_step, "world_size": trainer.world_size}
+        if self.watch is not None:
+            snapshot["mask_checks"] = self.watch.records
+            snapshot["masks"] = self.watch.masks(trainer)
         torch.save(snapshot, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
@@ -48,11 +53,18 @@ def main(spec_path: str) -> None:
     pl.seed_everything(spec["seed"], workers=True)
     data = DigitsDataModule(batch_size=spec["batch_size"], seed=spec["seed"])
     model = ImageClassifier(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
-    callbacks: list[Callback] = [RankSnapshot(out_dir)]
+    callbacks: list[Callback] = []
     if spec.get("recipe"):
         from lightning_compress import load_recipe
 
-        callbacks = load_recipe(spec["recipe"]) + callbacks
+        callbacks = load_recipe(spec["recipe"])
+    watch = MaskWatch() if spec.get("watch_masks") else None
+    callbacks += [watch] if watch else []
+    callbacks.append(RankSnapshot(out_dir, watch))
+    if spec.get("mask_module_only"):  # negative control: the known failure, masks written to the module alone
+        import lightning_compress.distributed as distributed
+
+        distributed._write_fp32_masters = lambda params, edit: None
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=spec["devices"],
@@ -70,6 +82,8 @@ def main(spec_path: str) -> None:
     if trainer.global_rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, out_dir / "initial.pt")
     trainer.fit(model, datamodule=data)
+    if spec.get("save_checkpoint"):
+        trainer.save_checkpoint(out_dir / "final.ckpt")  # every rank: DeepSpeed writes its shards
 
 
 if __name__ == "__main__":

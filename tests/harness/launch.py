@@ -27,11 +27,15 @@ class FitSpec:
     batch_size: int = 32
     seed: int = 7
     recipe: str | None = None
+    watch_masks: bool = False
+    save_checkpoint: bool = False
+    mask_module_only: bool = False
 
 
 @dataclass
 class FitResult:
     spec: FitSpec
+    out_dir: Path
     ranks: list[dict[str, Any]]
     initial: dict[str, torch.Tensor]
     log: str = field(repr=False)
@@ -68,4 +72,4 @@ def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
         raise RuntimeError(f"fit {spec} exited with {proc.returncode}; log tail:\n{proc.stdout[-4000:]}")
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(spec.devices)]
     initial = torch.load(out_dir / "initial.pt", weights_only=True)
-    return FitResult(spec=spec, ranks=ranks, initial=initial, log=proc.stdout)
+    return FitResult(spec=spec, out_dir=out_dir, ranks=ranks, initial=initial, log=proc.stdout)
