@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_compress.cli import main
 from lightning_compress.recipes import validate_recipe_file
@@ -61,6 +62,15 @@ def test_fit_runs_a_recipe_and_writes_its_checkpoint(tmp_path: Path) -> None:
     )
     assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
     assert (tmp_path / "lightning_logs/version_0/config.yaml").is_file()
+
+
+def test_fit_runs_the_pruning_recipe_and_checkpoints_a_90_percent_sparse_model(tmp_path: Path) -> None:
+    main(["fit", "--config", str(REPO / "recipes/digits_gmp90.yaml"), f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    checkpoint = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
+    weights = [t for k, t in checkpoint["state_dict"].items() if k.endswith("weight")]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.9, abs=0.005)
+    assert any(key.startswith("GradualPruning") for key in checkpoint["callbacks"])
 
 
 @pytest.mark.slow
