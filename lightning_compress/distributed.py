@@ -74,14 +74,50 @@ def write_full_(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) 
 
 
 def mask_(params: Sequence[nn.Parameter], masks: Sequence[torch.Tensor]) -> None:
-    """Zero what each boolean mask (True = keep) excludes: in the module and in DeepSpeed's fp32 master copy.
+    """Zero what each full-shaped boolean mask (True = keep) excludes, everywhere training keeps the parameter.
 
-    Collective under DeepSpeed (the master copy is read back across ranks): every rank must call it.
+    Local work only, no communication: each rank multiplies its own copy or shard of the module's parameter and,
+    under DeepSpeed, its own fragment of the optimizer's fp32 master copy (an edit of the module alone is undone by
+    the next optimizer step). Every rank must call it with the same masks.
     """
-    _write_fp32_masters(params, lambda i, master: master.mul_(masks[i].to(master)))
-    with gathered(params, modifier_rank=0):
-        for param, mask in zip(params, masks, strict=True):
-            param.data.mul_(mask.to(param.data.device))
+    for param, mask in zip(params, masks, strict=True):
+        if is_zero3_partitioned(param):
+            _mask_zero3_shard(param, mask)
+            continue
+        param.data.mul_(mask.to(param.device))
+        mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2 (and the bf16 optimizer): this rank's fragment
+        if mapping is not None:
+            address = mapping.lp_fragment_address
+            _mask_fp32_master(param, mask.flatten().narrow(0, address.start, address.numel))
+
+
+def _mask_zero3_shard(param: nn.Parameter, mask: torch.Tensor) -> None:
+    """ZeRO-3: this rank holds elements ``[rank * n, (rank + 1) * n)`` of the flattened parameter (padded at the end),
+    in the module's ``ds_tensor`` and in the fp32 partition alike."""
+    import torch.distributed as dist
+
+    shard = param.ds_tensor
+    size = shard.numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    flat = mask.flatten().to(shard.device)
+    piece = torch.ones(size, dtype=torch.bool, device=shard.device)  # padding stays as it is
+    valid = max(0, min(size, flat.numel() - start))
+    piece[:valid] = flat[start : start + valid]
+    shard.data.mul_(piece.view_as(shard))
+    if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
+        _mask_fp32_master(param, piece)
+
+
+def _mask_fp32_master(param: nn.Parameter, piece: torch.Tensor) -> None:
+    """Multiply this rank's part of the optimizer's fp32 master copy of ``param`` by ``piece`` (flat, same size)."""
+    if is_zero3_partitioned(param):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        safe_set_local_fp32_param(param, local * piece.view_as(local).to(local.device))
+    else:
+        fragment = param._hp_mapping.get_hp_fragment()
+        fragment.data.mul_(piece.view_as(fragment).to(fragment.device))
 
 
 def _write_fp32_masters(params: Sequence[nn.Parameter], edit: Callable[[int, torch.Tensor], object]) -> None:

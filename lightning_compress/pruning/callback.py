@@ -86,6 +86,7 @@ class GradualPruning(Callback):
         self.rewind_values: dict[str, torch.Tensor] = {}
         self._targets: dict[str, str] = {}  # weight parameter name -> module name
         self._params: dict[str, nn.Parameter] = {}
+        self._measured: tuple[dict[str, torch.Tensor], float] | None = None  # (masks, their sparsity)
 
     @property
     @override
@@ -181,10 +182,13 @@ class GradualPruning(Callback):
     # ------------------------------------------------------------------------------------------------ work
 
     def sparsity(self) -> float:
-        """Fraction of the targeted weights that the masks zero (biases not counted)."""
-        weights = [self.masks[name] for name in self._targets if name in self.masks]
-        total = sum(mask.numel() for mask in weights)
-        return sum(int((~mask).sum()) for mask in weights) / total if total else 0.0
+        """Fraction of the targeted weights that the masks zero (biases not counted); counted when masks change."""
+        if self._measured is None or self._measured[0] is not self.masks:
+            weights = [self.masks[name] for name in self._targets if name in self.masks]
+            total = sum(mask.numel() for mask in weights)
+            zeros = sum(int(mask.numel() - mask.count_nonzero()) for mask in weights)
+            self._measured = (self.masks, zeros / total if total else 0.0)
+        return self._measured[1]
 
     def layer_sparsity(self) -> dict[str, float]:
         return {
