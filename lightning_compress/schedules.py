@@ -26,16 +26,17 @@ def progress(step: int, start_step: int, end_step: int, update_every: int = 1) -
 
 def shape(schedule: ScheduleName, fraction: float, initial: float, target: float) -> float:
     """The value a named schedule takes at ``fraction`` (0 = start, 1 = end) of its ramp."""
-    if schedule == "constant":
-        return target
+    if schedule not in SCHEDULES:
+        raise ValueError(f"`schedule` must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
+    if schedule == "constant" or fraction >= 1.0:
+        return target  # exactly: the formulas below may round (exponential to 0.3 gives 0.30000000000000004)
     if schedule == "linear":
         return initial + (target - initial) * fraction
     if schedule == "cubic":  # Zhu & Gupta 2017: fast early, gentle as the target nears
         return target + (initial - target) * (1.0 - fraction) ** 3
-    if schedule == "exponential":  # the kept fraction (1 - value) decays geometrically
-        kept_start, kept_end = 1.0 - initial, 1.0 - target
-        return 1.0 - kept_start * math.exp(fraction * math.log(kept_end / kept_start))
-    raise ValueError(f"`schedule` must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
+    # exponential: the kept fraction (1 - value) decays geometrically
+    kept_start, kept_end = 1.0 - initial, 1.0 - target
+    return 1.0 - kept_start * math.exp(fraction * math.log(kept_end / kept_start))
 
 
 def value_at(
