@@ -97,3 +97,24 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
 
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="checkpoint")
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_a_run_resumed_mid_schedule_ends_identical_to_one_never_stopped(name: str, tmp_path: Path) -> None:
+    """Stopped at step 19 (the epoch's last batch: 2 ranks x 32 of 1,168 images), mid-way through a schedule that
+    updates the masks every 3 steps until step 22."""
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text(RECIPE.replace("end_step: 16, update_every: 4", "end_step: 22, update_every: 3"))
+    common = {**STRATEGIES[name], "max_steps": 24, "recipe": str(recipe), "watch_masks": True}
+    whole = run_fit(FitSpec(**common, checkpoint_every_n_steps=19), tmp_path / "whole")
+    stopped_at = whole.out_dir / "checkpoints" / "step=19.ckpt"
+    resumed = run_fit(FitSpec(**common, resume_from=str(stopped_at)), tmp_path / "resumed")
+    for rank in range(2):
+        expected, got = whole.ranks[rank], resumed.ranks[rank]
+        assert got["global_step"] == expected["global_step"] == 24
+        for key, tensor in expected["state_dict"].items():
+            assert torch.equal(got["state_dict"][key], tensor), f"rank {rank}: {key} differs after resume"
+        for key, mask in expected["masks"].items():
+            assert torch.equal(got["masks"][key], mask), f"rank {rank}: mask {key} differs after resume"
+        assert [c["step"] for c in got["mask_checks"]] == list(range(20, 25))
+        assert all(c["module_nonzeros_under_mask"] == c["master_nonzeros_under_mask"] == 0 for c in got["mask_checks"])

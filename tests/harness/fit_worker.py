@@ -61,6 +61,11 @@ def main(spec_path: str) -> None:
     watch = MaskWatch() if spec.get("watch_masks") else None
     callbacks += [watch] if watch else []
     callbacks.append(RankSnapshot(out_dir, watch))
+    if spec.get("checkpoint_every_n_steps"):
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        every = spec["checkpoint_every_n_steps"]
+        callbacks.append(ModelCheckpoint(out_dir / "checkpoints", "{step}", every_n_train_steps=every, save_top_k=-1))
     if spec.get("mask_module_only"):  # negative control: the known failure, masks written to the module alone
         import lightning_compress.distributed as distributed
 
@@ -73,7 +78,7 @@ def main(spec_path: str) -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(spec.get("checkpoint_every_n_steps")),
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
@@ -81,7 +86,7 @@ def main(spec_path: str) -> None:
     )
     if trainer.global_rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, out_dir / "initial.pt")
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=spec.get("resume_from"))
     if spec.get("save_checkpoint"):
         trainer.save_checkpoint(out_dir / "final.ckpt")  # every rank: DeepSpeed writes its shards
 

@@ -30,6 +30,8 @@ class FitSpec:
     watch_masks: bool = False
     save_checkpoint: bool = False
     mask_module_only: bool = False
+    checkpoint_every_n_steps: int | None = None  # ModelCheckpoint(every_n_train_steps=...) into out_dir/checkpoints
+    resume_from: str | None = None  # ckpt_path for trainer.fit
 
 
 @dataclass
