@@ -2,24 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sized
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lightning_compress._lightning import LightningDataModule
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A shuffle that is a function of (seed, epoch) alone.
+
+    Lightning calls ``set_epoch`` at every epoch start, also after resuming from a checkpoint, so a resumed run
+    draws the same order as one never stopped (a generator seeded once per DataLoader would restart at epoch 0's
+    order). Being a ``RandomSampler``, Lightning swaps it for a ``DistributedSampler`` under DDP, as for
+    ``shuffle=True``.
+    """
+
+    def __init__(self, data_source: Sized, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 def make_loader(
     dataset: Dataset | None, batch_size: int, num_workers: int, shuffle_seed: int | None = None
 ) -> DataLoader:
-    """A DataLoader over ``dataset``; shuffled with a generator seeded by ``shuffle_seed`` when it is given."""
+    """A DataLoader over ``dataset``; shuffled by (``shuffle_seed``, epoch) when a seed is given."""
     if dataset is None:
         raise RuntimeError("The DataModule has no data for this stage yet: call `setup(stage)` first.")
-    generator = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle_seed is not None,
-        generator=generator,
+        sampler=None if shuffle_seed is None else EpochSeededRandomSampler(dataset, shuffle_seed),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
