@@ -30,6 +30,7 @@ class ImageClassifier(ClassifierBase):
         super().__init__(num_classes)
         self.save_hyperparameters()
         self.net = ReferenceCNN(in_channels, image_size, num_classes)
+        self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)  # FLOPs, latency, summary
 
     def setup(self, stage: str) -> None:
         """Refuse a DataModule whose images do not fit this network, before any step runs."""

@@ -56,6 +56,8 @@ class MiniLMClassifier(ClassifierBase):
         self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(HIDDEN_SIZE, num_classes)
+        # One 64-token sentence (the Rotten Tomatoes default length): FLOPs, latency and the model summary use it.
+        self.example_input_array = (torch.ones(1, 64, dtype=torch.long), torch.ones(1, 64, dtype=torch.long))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import distributed, schedules
+from lightning_compress import distributed, events, schedules
 from lightning_compress._lightning import Callback, pl
 from lightning_compress.pruning.patterns import Pattern, Scope, compute_masks, input_dim
 from lightning_compress.schedules import ScheduleName
@@ -192,7 +192,8 @@ class GradualPruning(Callback):
 
     def layer_sparsity(self) -> dict[str, float]:
         return {
-            module: float((~self.masks[weight]).float().mean()) for weight, module in self._targets.items()
+            module: float((~self.masks[weight]).float().mean())
+            for weight, module in self._targets.items()
             if weight in self.masks
         }
 
@@ -209,6 +210,8 @@ class GradualPruning(Callback):
             if self.pattern.kind == "channel":
                 masks.update(self._bias_masks(masks))
             self.masks, self.mask_sparsity = masks, sparsity
+            detail = {"sparsity": self.sparsity(), "pattern": str(self.pattern)}
+            events.publish(pl_module.trainer, events.CompressionEvent(step, self.state_key, "masks", detail))
         if step >= self.end_step and self.rewind_values:
             self._rewind()
         self._apply_masks()
@@ -281,6 +284,4 @@ def _check_steps(start_step: int, end_step: int | None, update_every: int, rewin
     if rewind_step is not None and (
         isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or not 0 <= rewind_step < end_step
     ):
-        raise ValueError(
-            f"`rewind_step` must be an integer in [0, end_step={end_step}) or None; got {rewind_step!r}."
-        )
+        raise ValueError(f"`rewind_step` must be an integer in [0, end_step={end_step}) or None; got {rewind_step!r}.")

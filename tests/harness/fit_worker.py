@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mask_watch import MaskWatch
 
 from lightning_compress._lightning import Callback, pl
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.distributed import full_state_dict
 from lightning_compress.models import ImageClassifier
-from mask_watch import MaskWatch
 
 
 class RankSnapshot(Callback):

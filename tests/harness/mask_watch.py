@@ -30,14 +30,16 @@ class MaskWatch(Callback):
         record = {
             "step": trainer.global_step,
             "sparsity": pruning.sparsity(),
-            "module_nonzeros_under_mask": sum(int((v[~m] != 0).sum()) for v, m in zip(module_values, masks)),
+            "module_nonzeros_under_mask": sum(
+                int((v[~m] != 0).sum()) for v, m in zip(module_values, masks, strict=True)
+            ),
             "master_checked": any(has_fp32_master(p) for p in params),
             "master_nonzeros_under_mask": 0,
         }
         if record["master_checked"]:
             from deepspeed.utils import safe_get_full_fp32_param
 
-            for param, mask in zip(params, masks):
+            for param, mask in zip(params, masks, strict=True):
                 master = safe_get_full_fp32_param(param)
                 record["master_nonzeros_under_mask"] += int((master[~mask.to(master.device)] != 0).sum())
         self.records.append(record)
