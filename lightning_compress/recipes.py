@@ -33,7 +33,7 @@ import inspect
 import os
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,7 @@ class _Source:
 
     name: str
     lines: Mapping[_KeyPath, int]
+    texts: Mapping[_KeyPath, str] = field(default_factory=dict)  # scalars as written, e.g. 2:4 before YAML reads 124
 
     def line(self, path: _KeyPath) -> int:
         for end in range(len(path), -1, -1):
@@ -179,8 +180,8 @@ def _parse(name: str, text: str) -> tuple[_Source, Any]:
         node = loader.get_single_node()
         if node is None:
             return _Source(name, {}), None
-        lines = _index_lines(name, loader, node)  # before construction, which rewrites merge keys (<<)
-        return _Source(name, lines), loader.construct_document(node)
+        lines, texts = _index_lines(name, loader, node)  # before construction, which rewrites merge keys (<<)
+        return _Source(name, lines, texts), loader.construct_document(node)
     except yaml.MarkedYAMLError as err:
         raise _yaml_error(name, err) from err
     except yaml.YAMLError as err:
@@ -189,9 +190,15 @@ def _parse(name: str, text: str) -> tuple[_Source, Any]:
         loader.dispose()
 
 
-def _index_lines(name: str, loader: yaml.SafeLoader, root: yaml.Node) -> dict[_KeyPath, int]:
-    """Map each key path to its 1-based line. Each node is entered once, so aliases cannot make this explode."""
+def _index_lines(
+    name: str, loader: yaml.SafeLoader, root: yaml.Node
+) -> tuple[dict[_KeyPath, int], dict[_KeyPath, str]]:
+    """Map each key path to its 1-based line (and each plain scalar to its text as written).
+
+    Each node is entered once, so aliases cannot make this explode.
+    """
     lines: dict[_KeyPath, int] = {(): root.start_mark.line + 1}
+    texts: dict[_KeyPath, str] = {}
     entered: set[int] = set()
     pending: list[tuple[_KeyPath, yaml.Node]] = [((), root)]
     while pending:
@@ -201,8 +208,10 @@ def _index_lines(name: str, loader: yaml.SafeLoader, root: yaml.Node) -> dict[_K
         entered.add(id(node))
         for child_path, line, child in _children(name, loader, path, node):
             lines.setdefault(child_path, line)
+            if isinstance(child, yaml.ScalarNode) and not child.style:
+                texts.setdefault(child_path, child.value)
             pending.append((child_path, child))
-    return lines
+    return lines, texts
 
 
 def _children(
@@ -574,11 +583,15 @@ def _check_argument(
     if mismatch is None:
         return
     where = "".join(f"[{part!r}]" for part in mismatch.where)
+    written = source.texts.get(path + mismatch.where)
+    hint = _typecheck.suggest(mismatch)
+    if written is not None and ":" in written and isinstance(mismatch.value, int):
+        hint = f"YAML 1.1 reads {written} as the base-60 number {mismatch.value}; quote it: '{written}'."
     raise source.error(
         path + mismatch.where,
         f"{cls.__name__} argument `{parameter.name}`{where and f' item {where}'} expects {mismatch.expected}, "
         f"got {_show(mismatch.value)}",
-        _typecheck.suggest(mismatch),
+        hint,
     )
 
 

@@ -272,3 +272,8 @@ def test_partial_n_m_chooses_the_groups_that_lose_least_first() -> None:
     weight = torch.tensor([[5.0, 5.0, 5.0, 5.0, 1.0, 1.0, 0.01, 0.02]])  # second group loses 0.03, the first 10
     mask = compute_masks(Pattern.parse("2:4"), "layer", 0.25, {"w": weight}, {})["w"]
     assert mask.tolist() == [[True, True, True, True, True, True, False, False]]
+
+
+def test_a_yaml_base_60_pattern_gets_a_hint_to_quote_it() -> None:
+    with pytest.raises(ValueError, match=r"got 124\. HINT: YAML reads an unquoted N:M as a base-60 number"):
+        Pattern.parse(124)  # what YAML 1.1 makes of an unquoted 2:4

@@ -611,3 +611,13 @@ def test_string_annotations_are_resolved_and_checked(tmp_path: Path, init_args: 
         load_recipe(recipe, extra_allowed_prefixes=[HERE])
     for pattern in patterns[1:]:
         assert re.search(pattern, str(info.value)), f"{pattern!r} not in:\n{info.value}"
+
+
+def test_an_unquoted_n_m_pattern_gets_a_hint_about_yaml_base_60(tmp_path: Path) -> None:
+    """YAML 1.1 reads `2:4` as 124; the error must say so, not suggest quoting '124'."""
+    recipe = tmp_path / "nm.yaml"
+    recipe.write_text(
+        "trainer:\n  callbacks:\n    - class_path: GradualPruning\n      init_args: {pattern: 2:4, end_step: 10}\n"
+    )
+    with pytest.raises(RecipeError, match=r"line 4.*expects str, got 124 \(int\)\nHINT: YAML 1.1 reads 2:4 as the base-60"):
+        load_recipe(recipe)

@@ -36,9 +36,10 @@ class Pattern:
             return cls(text)
         match = _N_M.fullmatch(text) if isinstance(text, str) else None
         if not match:
-            raise ValueError(
-                f"`pattern` must be 'unstructured', 'channel' or 'N:M' such as '2:4'; got {text!r}."
-            )
+            hint = ""
+            if isinstance(text, int) and not isinstance(text, bool):  # YAML 1.1: unquoted 2:4 is 2 * 60 + 4 = 124
+                hint = " HINT: YAML reads an unquoted N:M as a base-60 number (2:4 -> 124); quote it: '2:4'."
+            raise ValueError(f"`pattern` must be 'unstructured', 'channel' or 'N:M' such as '2:4'; got {text!r}.{hint}")
         n, m = int(match.group(1)), int(match.group(2))
         if not 1 <= n < m:
             raise ValueError(
@@ -107,9 +108,10 @@ def _n_m(
     # Within a group keep the N largest; a group's cost is the magnitude its M-N smallest would lose.
     order = {name: torch.argsort(g, dim=1, descending=True, stable=True) for name, g in grouped.items()}
     costs = {
-        name: torch.gather(g, 1, order[name][:, pattern.n :]).clamp_min(0).sum(dim=1).masked_fill(
-            (g == PRUNED).any(dim=1), PRUNED
-        )
+        name: torch.gather(g, 1, order[name][:, pattern.n :])
+        .clamp_min(0)
+        .sum(dim=1)
+        .masked_fill((g == PRUNED).any(dim=1), PRUNED)
         for name, g in grouped.items()
     }
     if scope == "layer":
