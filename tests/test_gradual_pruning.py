@@ -470,7 +470,7 @@ def test_a_hugging_face_bert_encoder_is_pruned_and_nothing_else(quiet_trainer_kw
         ),
         ({"pattern": "2:4", "target_sparsity": 0.3}, r"`target_sparsity`=0\.3 contradicts `pattern`='2:4'.* 0\.5"),
         (
-            {"pattern": "channel"},
+            {"pattern": "channel", "scope": "global"},
             r"`pattern`='channel' with `scope`='global' is not supported.*HINT: use scope='layer'",
         ),
         ({"scope": "local"}, r"`scope` must be 'global' or 'layer'; got 'local'"),
@@ -570,3 +570,9 @@ def test_a_recipe_with_wrong_values_is_rejected(tmp_path: Path, line: str, match
     )
     with pytest.raises(RecipeError, match=match):
         load_recipe(recipe)
+
+
+def test_channel_pruning_defaults_to_layer_scope_and_unstructured_to_global() -> None:
+    assert GradualPruning(0.5, end_step=10, pattern="channel").scope == "layer"
+    assert GradualPruning(0.5, end_step=10).scope == "global"
+    assert GradualPruning(end_step=10, pattern="2:4").scope == "global"

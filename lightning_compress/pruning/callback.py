@@ -35,6 +35,8 @@ class GradualPruning(Callback):
         schedule: ``cubic``, ``linear``, ``exponential`` or ``constant`` (all at once at ``start_step``).
         pattern: ``unstructured``, ``channel`` or ``N:M`` such as ``2:4``.
         scope: ``global`` (one ranking across the targeted layers) or ``layer`` (each layer reaches the target).
+            Default: ``layer`` for ``channel`` (channel norms of layers of different widths do not compare),
+            ``global`` otherwise.
         include: regular expressions for qualified module names to prune (whole-name match); default all.
         exclude: regular expressions for module names to leave dense (e.g. the classifier head).
         rewind_step: lottery-ticket rewinding: the surviving weights are reset to their values at this step once
@@ -50,7 +52,7 @@ class GradualPruning(Callback):
         update_every: int = 10,
         schedule: ScheduleName = "cubic",
         pattern: str = "unstructured",
-        scope: Literal["global", "layer"] = "global",
+        scope: Literal["global", "layer"] | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         rewind_step: int | None = None,
@@ -64,6 +66,8 @@ class GradualPruning(Callback):
                 f"`schedule` must be one of {', '.join(schedules.SCHEDULES)}; got {schedule!r}."
                 " HINT: 'cubic' (Zhu & Gupta 2017) prunes fast early and gently near the target."
             )
+        if scope is None:
+            scope = "layer" if self.pattern.kind == "channel" else "global"
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be 'global' or 'layer'; got {scope!r}.")
         if self.pattern.kind == "channel" and scope == "global":
