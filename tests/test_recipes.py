@@ -619,5 +619,6 @@ def test_an_unquoted_n_m_pattern_gets_a_hint_about_yaml_base_60(tmp_path: Path) 
     recipe.write_text(
         "trainer:\n  callbacks:\n    - class_path: GradualPruning\n      init_args: {pattern: 2:4, end_step: 10}\n"
     )
-    with pytest.raises(RecipeError, match=r"line 4.*expects str, got 124 \(int\)\nHINT: YAML 1.1 reads 2:4 as the base-60"):
+    hint = r"line 4.*expects str, got 124 \(int\)\nHINT: YAML 1.1 reads 2:4 as the base-60"
+    with pytest.raises(RecipeError, match=hint):
         load_recipe(recipe)

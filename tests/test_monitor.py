@@ -1,0 +1,177 @@
+"""CompressionMonitor and measurement: honest figures, logged to CSV and to W&B (read back from its own log)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import CompressionMonitor, GradualPruning
+from lightning_compress._lightning import pl
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.models import ImageClassifier
+from lightning_compress.monitor import callback as monitor_callback
+from lightning_compress.monitor import measure_model
+from lightning_compress.packing import packed_nbytes
+from lightning_compress.pruning.patterns import Pattern, compute_masks
+
+SCALARS = (
+    "compress/params_dense",
+    "compress/params_effective",
+    "compress/weight_sparsity",
+    "compress/bytes_dense",
+    "compress/bytes_compressed",
+    "compress/flops_dense",
+    "compress/flops_effective",
+)
+
+
+def pruned_linear(pattern: str, sparsity: float) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    mask = compute_masks(Pattern.parse(pattern), "layer", sparsity, {"w": layer.weight.detach()}, {})["w"]
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    return layer
+
+
+def test_a_2_4_linear_reports_half_its_dense_flops() -> None:
+    (layer,) = measure_model(nn.Sequential(pruned_linear("2:4", 0.5)), torch.zeros(3, 64)).layers
+    assert layer.flops_dense == 2 * 64 * 32 * 3
+    assert layer.flops_effective == layer.flops_dense // 2
+
+
+def test_a_90_percent_unstructured_linear_reports_a_tenth_of_its_dense_flops() -> None:
+    (layer,) = measure_model(nn.Sequential(pruned_linear("unstructured", 0.9)), torch.zeros(1, 64)).layers
+    assert layer.figures.params_effective == round(0.1 * 64 * 32)
+    assert layer.flops_effective == pytest.approx(0.1 * layer.flops_dense, rel=1e-3)
+
+
+def test_model_totals_count_every_parameter_and_byte() -> None:
+    model = nn.Sequential(pruned_linear("unstructured", 0.9), nn.ReLU(), nn.Linear(32, 10))
+    report = measure_model(model, torch.zeros(1, 64))
+    assert report.params_dense == sum(p.numel() for p in model.parameters())
+    assert report.params_effective == sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    assert report.bytes_dense == 4 * report.params_dense
+    assert report.bytes_compressed == sum(packed_nbytes(t) for t in model.state_dict().values())
+    assert report.bytes_compressed < 0.5 * report.bytes_dense
+    assert report.flops_dense == 2 * 64 * 32 + 2 * 32 * 10  # FlopCounterMode's total agrees with the layer rule
+
+
+def test_without_an_example_input_flops_are_left_out_not_guessed() -> None:
+    metrics = measure_model(nn.Sequential(nn.Linear(4, 4))).metrics()
+    assert "compress/flops_dense" not in metrics and "compress/params_dense" in metrics
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"log_every_n_steps": -1}, r"`log_every_n_steps` must be an integer >= 0 .*got -1"),
+        ({"log_every_n_steps": 2.5}, r"`log_every_n_steps` must be an integer >= 0 .*got 2\.5"),
+        ({"latency_repeats": 0}, r"`latency_repeats` must be an integer >= 1; got 0"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CompressionMonitor(**kwargs)
+
+
+def pruned_fit(tmp_path: Path, loggers: list[Any], monitor: CompressionMonitor) -> pl.LightningModule:
+    pl.seed_everything(0)
+    model = ImageClassifier(image_size=8)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=40,
+        val_check_interval=20,
+        check_val_every_n_epoch=None,  # validate every 20 optimizer steps, across epochs
+        logger=loggers,
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[GradualPruning(0.9, start_step=0, end_step=30, update_every=10), monitor],
+    )
+    trainer.fit(model, datamodule=DigitsDataModule())
+    return model
+
+
+def read_csv_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key.startswith("compress/") and value != "":
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "wandb_home"
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        (folder / var.lower()).mkdir(parents=True)
+        monkeypatch.setenv(var, str(folder / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return folder / "wandb_dir"
+
+
+@pytest.mark.slow
+def test_csv_and_wandb_receive_the_same_measured_figures(tmp_path: Path, offline_wandb: Path) -> None:
+    import wandb
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+    from wandb_reader import find_run_dir, read_run
+
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    wandb_logger = WandbLogger(save_dir=str(offline_wandb), offline=True, project="lightning-compress-test")
+    model = pruned_fit(tmp_path, [csv_logger, wandb_logger], CompressionMonitor(log_every_n_steps=5))
+    wandb.finish()
+    final = measure_model(model, model.example_input_array).metrics()
+
+    csv_series = read_csv_metrics(Path(csv_logger.log_dir) / "metrics.csv")
+    run = read_run(find_run_dir(offline_wandb))
+    for key in SCALARS:
+        assert csv_series[key][-1][1] == pytest.approx(final[key]), key
+        logged = run.series(key)
+        assert [step for step, _ in logged] == [step for step, _ in csv_series[key]], key
+        assert [value for _, value in logged] == pytest.approx([value for _, value in csv_series[key]]), key
+    assert csv_series["compress/weight_sparsity"][0][1] == 0.0  # measured dense at the start
+    assert final["compress/weight_sparsity"] == pytest.approx(0.9, abs=0.005)
+    assert final["compress/flops_effective"] < 0.2 * final["compress/flops_dense"]
+    assert final["compress/bytes_compressed"] <= 0.2 * final["compress/bytes_dense"]
+    assert {"compress/latency_ms_dense", "compress/latency_ms", "compress/peak_memory_mb"} <= csv_series.keys()
+
+    tables = [p for p in run.files if p.name.endswith(".table.json") and "compress" in str(p)]
+    assert len(tables) >= 1, run.files
+    table = json.loads(max(tables).read_text())
+    assert table["columns"][:4] == ["layer", "type", "shape", "sparsity"]
+    assert [row[0] for row in table["data"]] == ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]
+    total = sum(row[6] for row in table["data"])
+    assert sum(row[7] for row in table["data"]) == pytest.approx((1 - 0.9) * total, rel=0.01)
+    assert run.summary["compress/final/weight_sparsity"] == pytest.approx(0.9, abs=0.005)
+    assert run.summary["compress/dense/weight_sparsity"] == 0.0
+
+
+def test_structure_is_remeasured_only_after_a_compression_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    original = monitor_callback.measure_model
+
+    def counting(model: nn.Module, example_input: Any = None) -> Any:
+        calls.append(model.trainer.global_step)
+        return original(model, example_input)
+
+    monkeypatch.setattr(monitor_callback, "measure_model", counting)
+    from pytorch_lightning.loggers import CSVLogger
+
+    pruned_fit(tmp_path, [CSVLogger(tmp_path)], CompressionMonitor(log_every_n_steps=1, measure_latency=False))
+    # start (0); after the mask updates at steps 10, 20, 30 (the one at step 0 happens before the first log);
+    # validation ends at 20 and 40; fit end at 40. Not once per logged step.
+    assert calls == [0, 10, 20, 20, 30, 40, 40]
