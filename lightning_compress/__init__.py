@@ -1,7 +1,17 @@
 """lightning_compress: compress PyTorch Lightning models while they train."""
 
+from lightning_compress.export import CompressedFileError, load_compressed, save_compressed
+from lightning_compress.monitor import CompressionMonitor
 from lightning_compress.pruning import GradualPruning
 from lightning_compress.recipes import RecipeError, load_recipe
 
-__all__ = ["GradualPruning", "RecipeError", "load_recipe"]
+__all__ = [
+    "CompressedFileError",
+    "CompressionMonitor",
+    "GradualPruning",
+    "RecipeError",
+    "load_compressed",
+    "load_recipe",
+    "save_compressed",
+]
 __version__ = "0.1.0"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,27 +19,45 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 @pytest.mark.slow
-def test_demo_trains_and_prints_its_table_from_the_installed_command(tmp_path: Path) -> None:
+def test_demo_trains_dense_and_pruned_and_shows_the_savings(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [str(CONSOLE_SCRIPT), "demo", "--epochs", "3", "--no-progress"],
+        [str(CONSOLE_SCRIPT), "demo", "--epochs", "4", "--no-progress", "--output-dir", "out"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for row in ("test accuracy", "parameters", "model size", "training time"):
-        assert row in proc.stdout
-    accuracy = float(re.search(r"test accuracy\s*│\s*([\d.]+)%", proc.stdout).group(1))
-    assert accuracy > 80.0, proc.stdout  # 10 classes: chance is 10 %
-    assert "53,002" in proc.stdout  # the reference CNN on 8x8 inputs
+    rows = {}
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        cells = [c.strip() for c in line[1:-1].split("│")] if line.startswith("│") else []
+        if len(cells) == 4:
+            rows[cells[0]] = cells[1:]
+    dense_acc, pruned_acc = (float(v.rstrip(" %")) for v in rows["test accuracy"][:2])
+    assert dense_acc > 80.0 and pruned_acc > 50.0  # 10 classes: chance is 10 %
+    assert rows["parameters"][:2] == ["53,002", "53,002"]  # the reference CNN on 8x8 inputs
+    nonzeros = int(rows["non-zero parameters"][1].replace(",", ""))
+    assert nonzeros < 0.2 * 53_002  # 90 % of the conv/linear weights are zero; biases stay
+    assert float(rows["bytes on disk"][2].rstrip("x")) <= 0.2
+    assert {"FLOPs per image (theoretical)", "latency per image, measured (ms)"} <= rows.keys()
+    (run,) = (tmp_path / "out").iterdir()
+    assert (run / "savings.png").read_bytes().startswith(b"\x89PNG")
+    assert (run / "pruned_model.safetensors").stat().st_size == int(rows["bytes on disk"][1].replace(",", ""))
 
 
-def test_demo_rejects_a_non_positive_epoch_count(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_never_reuses_an_earlier_run_folder(tmp_path: Path) -> None:
+    from lightning_compress.demo import new_output_dir
+
+    first, second = new_output_dir(tmp_path), new_output_dir(tmp_path)
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_demo_rejects_too_few_epochs(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--epochs", "0"])
     assert exit_info.value.code == 2
-    assert "--epochs must be a positive integer, got 0" in capsys.readouterr().err
+    assert "--epochs must be an integer >= 2 (one to learn, one to prune and recover), got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
