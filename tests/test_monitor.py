@@ -123,21 +123,30 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.slow
-def test_csv_and_wandb_receive_the_same_measured_figures(tmp_path: Path, offline_wandb: Path) -> None:
+def test_csv_tensorboard_and_wandb_receive_the_same_measured_figures(tmp_path: Path, offline_wandb: Path) -> None:
     import wandb
-    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from wandb_reader import find_run_dir, read_run
 
     csv_logger = CSVLogger(tmp_path, name="csv")
+    tensorboard_logger = TensorBoardLogger(tmp_path, name="tb")
     wandb_logger = WandbLogger(save_dir=str(offline_wandb), offline=True, project="lightning-compress-test")
-    model = pruned_fit(tmp_path, [csv_logger, wandb_logger], CompressionMonitor(log_every_n_steps=5))
+    loggers = [csv_logger, tensorboard_logger, wandb_logger]
+    model = pruned_fit(tmp_path, loggers, CompressionMonitor(log_every_n_steps=5))
     wandb.finish()
+    tensorboard_logger.experiment.flush()
+    events = EventAccumulator(tensorboard_logger.log_dir)
+    events.Reload()
     final = measure_model(model, model.example_input_array).metrics()
 
     csv_series = read_csv_metrics(Path(csv_logger.log_dir) / "metrics.csv")
     run = read_run(find_run_dir(offline_wandb))
     for key in SCALARS:
         assert csv_series[key][-1][1] == pytest.approx(final[key]), key
+        scalars = [(event.step, event.value) for event in events.Scalars(key)]
+        assert [step for step, _ in scalars] == [step for step, _ in csv_series[key]], key
+        assert [value for _, value in scalars] == pytest.approx([value for _, value in csv_series[key]], rel=1e-6)
         logged = run.series(key)
         assert [step for step, _ in logged] == [step for step, _ in csv_series[key]], key
         assert [value for _, value in logged] == pytest.approx([value for _, value in csv_series[key]]), key
@@ -154,6 +163,9 @@ def test_csv_and_wandb_receive_the_same_measured_figures(tmp_path: Path, offline
     assert [row[0] for row in table["data"]] == ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]
     total = sum(row[6] for row in table["data"])
     assert sum(row[7] for row in table["data"]) == pytest.approx((1 - 0.9) * total, rel=0.01)
+    assert {"glob_name": "compress/*", "step_metric": "trainer/global_step"}.items() <= next(
+        m for m in run.metrics if m.get("glob_name") == "compress/*"
+    ).items()  # define_metric: compress/* plot against the global step
     assert run.summary["compress/final/weight_sparsity"] == pytest.approx(0.9, abs=0.005)
     assert run.summary["compress/dense/weight_sparsity"] == 0.0
 

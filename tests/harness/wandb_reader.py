@@ -25,6 +25,7 @@ class WandbRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # define_metric calls: glob_name, step_metric, ...
     files: list[Path] = field(default_factory=list)
 
     def series(self, key: str) -> list[tuple[int, Any]]:
@@ -51,6 +52,10 @@ def read_run(run_dir: Path) -> WandbRun:
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "metric":
+            from google.protobuf.json_format import MessageToDict
+
+            run.metrics.append(MessageToDict(record.metric, preserving_proto_field_name=True))
         elif kind == "config":
             for item in record.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
