@@ -39,7 +39,11 @@ def pruned_fit(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., FitRes
     def get(name: str, mask_module_only: bool = False) -> FitResult:
         if (name, mask_module_only) not in done:
             spec = FitSpec(
-                **STRATEGIES[name], max_steps=24, recipe=str(recipe), watch_masks=True, save_checkpoint=True,
+                **STRATEGIES[name],
+                max_steps=24,
+                recipe=str(recipe),
+                watch_masks=True,
+                save_checkpoint=True,
                 mask_module_only=mask_module_only,
             )
             done[name, mask_module_only] = run_fit(spec, tmp_path_factory.mktemp(name))
@@ -118,3 +122,22 @@ def test_a_run_resumed_mid_schedule_ends_identical_to_one_never_stopped(name: st
             assert torch.equal(got["masks"][key], mask), f"rank {rank}: mask {key} differs after resume"
         assert [c["step"] for c in got["mask_checks"]] == list(range(20, 25))
         assert all(c["module_nonzeros_under_mask"] == c["master_nonzeros_under_mask"] == 0 for c in got["mask_checks"])
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero3"])
+def test_the_monitor_measures_full_layers_from_rank_zero(name: str, tmp_path: Path) -> None:
+    """Under ZeRO-3 a rank holds shards; the monitor must still count full layers, and log once."""
+    import csv
+
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text(RECIPE)
+    result = run_fit(FitSpec(**STRATEGIES[name], max_steps=24, recipe=str(recipe), monitor=True), tmp_path / "fit")
+    with (result.out_dir / "csv" / "version_0" / "metrics.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("compress/params_dense")]
+    steps = [int(row["step"]) for row in rows]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # one row per step; fit end repeats 24
+    params = sum(t.numel() for k, t in result.ranks[0]["state_dict"].items() if "acc" not in k)
+    assert {float(row["compress/params_dense"]) for row in rows} == {params}
+    assert float(rows[0]["compress/weight_sparsity"]) == 0.0
+    assert float(rows[-1]["compress/weight_sparsity"]) == pytest.approx(TARGET, abs=0.005)
+    assert float(rows[-1]["compress/flops_effective"]) < 0.3 * float(rows[-1]["compress/flops_dense"])

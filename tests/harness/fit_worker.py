@@ -66,6 +66,14 @@ def main(spec_path: str) -> None:
 
         every = spec["checkpoint_every_n_steps"]
         callbacks.append(ModelCheckpoint(out_dir / "checkpoints", "{step}", every_n_train_steps=every, save_top_k=-1))
+    logger: Any = False
+    if spec.get("monitor"):
+        from pytorch_lightning.loggers import CSVLogger
+
+        from lightning_compress import CompressionMonitor
+
+        callbacks.append(CompressionMonitor(log_every_n_steps=4, latency_repeats=3))
+        logger = CSVLogger(out_dir, name="csv", version=0)
     if spec.get("mask_module_only"):  # negative control: the known failure, masks written to the module alone
         import lightning_compress.distributed as distributed
 
@@ -77,7 +85,7 @@ def main(spec_path: str) -> None:
         max_steps=spec["max_steps"],
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
+        logger=logger,
         enable_checkpointing=bool(spec.get("checkpoint_every_n_steps")),
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -32,6 +32,7 @@ class FitSpec:
     mask_module_only: bool = False
     checkpoint_every_n_steps: int | None = None  # ModelCheckpoint(every_n_train_steps=...) into out_dir/checkpoints
     resume_from: str | None = None  # ckpt_path for trainer.fit
+    monitor: bool = False  # add a CompressionMonitor logging to a CSVLogger in out_dir/csv
 
 
 @dataclass
