@@ -91,6 +91,7 @@ class GradualPruning(Callback):
         self._targets: dict[str, str] = {}  # weight parameter name -> module name
         self._params: dict[str, nn.Parameter] = {}
         self._measured: tuple[dict[str, torch.Tensor], float] | None = None  # (masks, their sparsity)
+        self._multipliers: tuple[dict[str, torch.Tensor], list[str], list[torch.Tensor]] | None = None
 
     @property
     @override
@@ -159,8 +160,10 @@ class GradualPruning(Callback):
             self._apply_masks()
         if step == self.rewind_step and not self.rewind_values:
             self._snapshot_for_rewind()
+        masks_before = self.masks
         self._update(pl_module, step, log=self.log_per_layer)
-        pl_module.log("compress/sparsity", self.sparsity(), prog_bar=True, on_step=True, on_epoch=False)
+        if self.masks is not masks_before or _logs_this_step(trainer):  # logging costs ~1 % of a small step
+            pl_module.log("compress/sparsity", self.sparsity(), prog_bar=True, on_step=True, on_epoch=False)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -234,9 +237,17 @@ class GradualPruning(Callback):
         }
 
     def _apply_masks(self) -> None:
-        names = [name for name in self._params if name in self.masks]
-        device_masks = [self.masks[n] for n in names]
-        distributed.mask_([self._params[n] for n in names], device_masks)
+        if self._multipliers is None or self._multipliers[0] is not self.masks:
+            names = [name for name in self._params if name in self.masks]
+            self._multipliers = (self.masks, names, [self._multiplier(n) for n in names])
+        _, names, multipliers = self._multipliers
+        distributed.mask_([self._params[n] for n in names], multipliers)
+
+    def _multiplier(self, name: str) -> torch.Tensor:
+        """The mask in the parameter's dtype: a multiply by it is ~8x faster than by a bool mask. Not for ZeRO-3
+        shards, whose masks are sliced per rank (a full-size copy per rank would undo the partitioning)."""
+        param, mask = self._params[name], self.masks[name]
+        return mask if distributed.is_zero3_partitioned(param) else mask.to(param.device, param.dtype)
 
     def _snapshot_for_rewind(self) -> None:
         names = list(self._params)
@@ -289,3 +300,9 @@ def _check_steps(start_step: int, end_step: int | None, update_every: int, rewin
         isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or not 0 <= rewind_step < end_step
     ):
         raise ValueError(f"`rewind_step` must be an integer in [0, end_step={end_step}) or None; got {rewind_step!r}.")
+
+
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes step metrics to the loggers after this batch (as its LearningRateMonitor asks)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))

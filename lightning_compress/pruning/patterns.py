@@ -57,10 +57,20 @@ class Pattern:
 
 
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean mask of the ``count`` lowest scores (ties broken by position, so the result is deterministic)."""
+    """Boolean mask of the ``count`` lowest of 1-D ``scores``; among equal scores the earlier positions go first.
+
+    The same choice as a stable argsort, in linear time: a k-th value threshold, then ties filled by position.
+    """
     chosen = torch.zeros_like(scores, dtype=torch.bool)
-    if count > 0:
-        chosen[torch.argsort(scores, stable=True)[:count]] = True
+    if count <= 0:
+        return chosen
+    if count >= scores.numel():
+        return chosen.fill_(True)
+    threshold = torch.kthvalue(scores, count).values
+    chosen = scores < threshold
+    missing = count - int(chosen.sum())
+    if missing > 0:
+        chosen[torch.nonzero(scores == threshold).flatten()[:missing]] = True
     return chosen
 
 
