@@ -93,11 +93,8 @@ def _unstructured(
     scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     scores = {name: magnitude(w, masks.get(name)).flatten() for name, w in weights.items()}
-    if scope == "layer":
-        return {name: ~lowest(s, round(sparsity * s.numel())).view_as(weights[name]) for name, s in scores.items()}
-    flat = torch.cat(list(scores.values()))
-    keep = ~lowest(flat, round(sparsity * flat.numel()))
-    return {name: part.view_as(weights[name]) for name, part in zip(scores, _split(keep, scores), strict=True)}
+    pruned = _lowest_in_scope(scores, sparsity, scope)
+    return {name: ~chosen.view_as(weights[name]) for name, chosen in pruned.items()}
 
 
 def _channel(sparsity: float, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -124,11 +121,7 @@ def _n_m(
         .masked_fill((g == PRUNED).any(dim=1), PRUNED)
         for name, g in grouped.items()
     }
-    if scope == "layer":
-        chosen = {name: lowest(c, round(group_fraction * c.numel())) for name, c in costs.items()}
-    else:
-        flat = torch.cat(list(costs.values()))
-        chosen = dict(zip(costs, _split(lowest(flat, round(group_fraction * flat.numel())), costs), strict=True))
+    chosen = _lowest_in_scope(costs, group_fraction, scope)
     result = {}
     for name, g in grouped.items():
         keep = torch.ones_like(g, dtype=torch.bool)
@@ -139,8 +132,13 @@ def _n_m(
     return result
 
 
-def _split(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return torch.split(flat, [t.numel() for t in like.values()])
+def _lowest_in_scope(scores: Mapping[str, torch.Tensor], fraction: float, scope: Scope) -> dict[str, torch.Tensor]:
+    """The lowest ``fraction`` of the units (1-D scores) of each layer, or of all layers ranked together."""
+    if scope == "layer":
+        return {name: lowest(s, round(fraction * s.numel())) for name, s in scores.items()}
+    flat = torch.cat(list(scores.values()))
+    chosen = lowest(flat, round(fraction * flat.numel()))
+    return dict(zip(scores, torch.split(chosen, [s.numel() for s in scores.values()]), strict=True))
 
 
 def _groups(score: torch.Tensor, m: int) -> torch.Tensor:
