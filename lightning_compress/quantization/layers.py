@@ -1,0 +1,194 @@
+"""QAT layers: Linear and Conv2d that observe and fake-quantize their weight (and optionally their input).
+
+``from_linear`` / ``from_conv2d`` share the original ``weight`` and ``bias`` Parameters (the same objects), and
+``to_linear`` / ``to_conv2d`` hand them back, so optimizers, DDP and DeepSpeed see no new parameters.
+Weights are observed per output channel (axis 0); inputs per tensor. Until ``fake_quant_enabled`` is set the layer
+only observes and computes exactly what the original layer computes. The flags are bool buffers read through
+``torch.where`` (no host sync), so they are saved in the state dict with the observers' statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress.distributed import full_shape, gathered
+from lightning_compress.protocol import LayerFigures
+from lightning_compress.quantization.fake_quant import QuantSpec, fake_quantize
+from lightning_compress.quantization.observers import MinMaxObserver, MovingAverageObserver
+
+DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True, per_channel=True, channel_axis=0)
+
+
+class _QATBase(nn.Module):
+    """Observers, the fake-quant flag and the self-description shared by the QAT layers."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    fake_quant_enabled: torch.Tensor
+
+    def _init_quantization(
+        self, weight: nn.Parameter, bias: nn.Parameter | None, weight_spec: QuantSpec, activation_spec: QuantSpec | None
+    ) -> None:
+        if not isinstance(weight_spec, QuantSpec):
+            raise TypeError(f"`weight_spec` must be a QuantSpec, got {type(weight_spec).__name__}.")
+        if activation_spec is not None and (not isinstance(activation_spec, QuantSpec) or activation_spec.per_channel):
+            raise ValueError(
+                f"`activation_spec` must be None or a per-tensor QuantSpec, got {activation_spec!r}."
+                " HINT: QuantSpec(bits=8, symmetric=False, per_channel=False)."
+            )
+        self.weight = weight
+        self.bias = bias
+        self.weight_spec = weight_spec
+        self.activation_spec = activation_spec
+        shape = full_shape(weight)
+        channels = shape[weight_spec.channel_axis] if weight_spec.per_channel else None
+        self.weight_observer = MinMaxObserver(weight_spec, channels)
+        self.input_observer = MovingAverageObserver(activation_spec) if activation_spec is not None else None
+        self.register_buffer("fake_quant_enabled", torch.tensor(False))
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        """Quantize in forward (True) or only observe (False)."""
+        self.fake_quant_enabled.fill_(bool(enabled))
+
+    def enable_observers(self, enabled: bool = True) -> None:
+        """Keep updating (True) or freeze (False) the weight and input ranges."""
+        for observer in (self.weight_observer, self.input_observer):
+            if observer is not None:
+                observer.set_enabled(enabled)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as forward uses it: observed, then fake-quantized when enabled."""
+        self.weight_observer(self.weight)
+        fake = fake_quantize(self.weight, *self.weight_observer.calculate_qparams(), self.weight_spec)
+        return torch.where(self.fake_quant_enabled, fake, self.weight)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as forward uses it: unchanged without an activation spec, else observed and fake-quantized."""
+        if self.input_observer is None:
+            return x
+        self.input_observer(x)
+        fake = fake_quantize(x, *self.input_observer.calculate_qparams(), self.activation_spec)
+        return torch.where(self.fake_quant_enabled, fake, x)
+
+    def compression_figures(self) -> LayerFigures:
+        """The layer as it will be exported: ``bits`` is the weight width, so int8 savings show in bytes.
+
+        FLOPs follow the project's rule of counting non-zeros (``flops_factor`` = weight density); the cheaper integer
+        arithmetic is not folded into it but reported through ``bits``. Collective under ZeRO-3.
+        """
+        with gathered([self.weight]):
+            nonzeros = int(torch.count_nonzero(self.weight.detach()))
+        shape = tuple(full_shape(self.weight))
+        total = int(torch.Size(shape).numel())
+        return LayerFigures(
+            weight_shape=shape,
+            params_dense=total,
+            params_effective=nonzeros,
+            bits=self.weight_spec.bits,
+            rank=None,
+            flops_factor=nonzeros / total if total else 1.0,
+        )
+
+
+class QATLinear(_QATBase):
+    """``nn.Linear`` with fake-quantized weight (per output channel) and optionally input (per tensor)."""
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
+        activation_spec: QuantSpec | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = full_shape(weight)
+        self._init_quantization(weight, bias, weight_spec, activation_spec)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC, activation_spec: QuantSpec | None = None
+    ) -> QATLinear:
+        """A QAT layer that shares ``linear.weight`` and ``linear.bias`` (the same Parameter objects)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"`from_linear` takes an nn.Linear, got {type(linear).__name__}.")
+        return cls(linear.weight, linear.bias, weight_spec, activation_spec)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding this layer's Parameters (no copy)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QATConv2d(_QATBase):
+    """``nn.Conv2d`` (zero padding) with fake-quantized weight (per output channel) and optionally input."""
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int] | str,
+        dilation: tuple[int, int],
+        groups: int,
+        weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
+        activation_spec: QuantSpec | None = None,
+    ) -> None:
+        super().__init__()
+        out_channels, in_per_group, *kernel = full_shape(weight)
+        self.in_channels, self.out_channels = in_per_group * groups, out_channels
+        self.kernel_size = tuple(kernel)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self._init_quantization(weight, bias, weight_spec, activation_spec)
+
+    @classmethod
+    def from_conv2d(
+        cls, conv: nn.Conv2d, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC, activation_spec: QuantSpec | None = None
+    ) -> QATConv2d:
+        """A QAT layer that shares ``conv.weight`` and ``conv.bias`` and keeps its stride/padding/dilation/groups."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"`from_conv2d` takes an nn.Conv2d, got {type(conv).__name__}.")
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"QATConv2d supports `padding_mode='zeros'` only, got {conv.padding_mode!r}."
+                " HINT: exclude this layer from quantization."
+            )
+        return cls(
+            conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, weight_spec, activation_spec
+        )
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding this layer's Parameters (no copy)."""
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            device="meta",
+        )
+        conv.weight = self.weight
+        conv.bias = self.bias
+        return conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self.quantized_input(x), self.quantized_weight()
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
+            f" padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}"
+        )
