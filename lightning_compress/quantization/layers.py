@@ -59,8 +59,9 @@ class _QATBase(nn.Module):
                 observer.set_enabled(enabled)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight as forward uses it: observed, then fake-quantized when enabled."""
-        self.weight_observer(self.weight)
+        """The weight as forward uses it: observed (in training mode only), then fake-quantized when enabled."""
+        if self.training:
+            self.weight_observer(self.weight)
         fake = fake_quantize(self.weight, *self.weight_observer.calculate_qparams(), self.weight_spec)
         return torch.where(self.fake_quant_enabled, fake, self.weight)
 
@@ -68,7 +69,8 @@ class _QATBase(nn.Module):
         """The input as forward uses it: unchanged without an activation spec, else observed and fake-quantized."""
         if self.input_observer is None:
             return x
-        self.input_observer(x)
+        if self.training:  # ranges come from training batches: validation and inference never move them
+            self.input_observer(x)
         fake = fake_quantize(x, *self.input_observer.calculate_qparams(), self.activation_spec)
         return torch.where(self.fake_quant_enabled, fake, x)
 

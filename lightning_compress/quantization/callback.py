@@ -1,0 +1,134 @@
+"""QuantizationAwareTraining: fake-quantize Linear/Conv2d weights (and optionally their inputs) while training.
+
+First cut (issue 5 in progress): single-process schedule, resume and pruning compatibility. Not yet exported at the
+package's top level: the int8 convert, BN folding, synced activation ranges under DDP and the benchmarks follow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress import events
+from lightning_compress._lightning import Callback, pl
+from lightning_compress.quantization.fake_quant import QuantSpec
+from lightning_compress.quantization.layers import QATConv2d, QATLinear, _QATBase
+from lightning_compress.targeting import Targeting
+
+QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class QuantizationAwareTraining(Callback):
+    """Swap the targeted Linear/Conv2d layers for QAT layers at ``setup`` and fake-quantize them on a schedule.
+
+    Before ``start_step`` the layers only observe (calibration warm-up: weight ranges per output channel, input
+    ranges by moving average); from ``start_step`` on, forward uses fake-quantized values with a straight-through
+    estimator. Observers freeze at ``freeze_observers_step`` and BatchNorm statistics at ``freeze_bn_step``. The
+    swap keeps every Parameter object (optimizers, DDP and DeepSpeed see the same parameters) and is reproducible
+    from the constructor arguments alone; all quantization state lives in the model's buffers, so it is saved and
+    restored with the model.
+
+    Args:
+        weight_bits: bits per weight, 2-8 (symmetric, per output channel).
+        activation_bits: bits per input activation, 2-8 (asymmetric, per tensor); ``None`` quantizes weights only.
+        start_step: optimizer step at which fake quantization starts.
+        freeze_observers_step: step from which the ranges stop updating (``None``: never), >= ``start_step``.
+        freeze_bn_step: step from which BatchNorm layers use frozen running statistics (``None``: never).
+        include: regular expressions (whole qualified names) of the layers to quantize; default all Linear/Conv2d.
+        exclude: regular expressions of layers to keep in float.
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        activation_bits: int | None = None,
+        start_step: int = 0,
+        freeze_observers_step: int | None = None,
+        freeze_bn_step: int | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ) -> None:
+        _check_bits("weight_bits", weight_bits, allow_none=False)
+        _check_bits("activation_bits", activation_bits, allow_none=True)
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"`start_step` must be an integer >= 0; got {start_step!r}.")
+        for name, value in (("freeze_observers_step", freeze_observers_step), ("freeze_bn_step", freeze_bn_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < start_step):
+                raise ValueError(
+                    f"`{name}` must be None or an integer step >= `start_step`={start_step}; got {value!r}."
+                    " HINT: ranges and statistics are frozen after fake quantization has started, not before."
+                )
+        self.weight_bits, self.activation_bits = weight_bits, activation_bits
+        self.start_step = start_step
+        self.freeze_observers_step, self.freeze_bn_step = freeze_observers_step, freeze_bn_step
+        self.include, self.exclude = include, exclude
+        self.targeting = Targeting.from_arguments(include, exclude, layer_types=QUANTIZABLE)
+        self.weight_spec = QuantSpec(bits=weight_bits, symmetric=True, per_channel=True, channel_axis=0)
+        self.activation_spec = (
+            None if activation_bits is None else QuantSpec(bits=activation_bits, symmetric=False, per_channel=False)
+        )
+        self.layers: dict[str, _QATBase] = {}
+        self._applied: tuple[bool, bool, bool] | None = None  # (fake quant, observers, BN frozen) last set
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(bits=(self.weight_bits, self.activation_bits), include=self.include)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.layers:
+            return
+        for name, module in self.targeting.select(pl_module).items():
+            parent_name, _, child = name.rpartition(".")
+            parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
+            setattr(parent, child, self.swap(module))
+            self.layers[name] = getattr(parent, child)
+
+    def swap(self, module: nn.Module) -> _QATBase:
+        """The QAT layer that replaces ``module`` (sharing its Parameters). Override to support more layer types."""
+        if isinstance(module, nn.Conv2d):
+            return QATConv2d.from_conv2d(module, self.weight_spec, self.activation_spec)
+        return QATLinear.from_linear(module, self.weight_spec, self.activation_spec)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._applied = None  # resumed or not, set every flag for the current step
+        self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._apply_schedule(trainer, pl_module)
+
+    def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        fake_quant = step >= self.start_step
+        observing = self.freeze_observers_step is None or step < self.freeze_observers_step
+        bn_frozen = self.freeze_bn_step is not None and step >= self.freeze_bn_step
+        if bn_frozen:  # Lightning puts the model back in train mode every epoch: re-freeze every step
+            for module in pl_module.modules():
+                if isinstance(module, _BATCH_NORMS):
+                    module.eval()
+        if self._applied == (fake_quant, observing, bn_frozen):
+            return
+        for layer in self.layers.values():
+            layer.enable_fake_quant(fake_quant)
+            layer.enable_observers(observing)
+        if fake_quant and (self._applied is None or not self._applied[0]):  # also after a resume: a fact of this run
+            detail = {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits}
+            events.publish(trainer, events.CompressionEvent(step, self.state_key, "quantize", detail))
+        self._applied = (fake_quant, observing, bn_frozen)
+
+
+def _check_bits(name: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        none = " or None (weights only)" if allow_none else ""
+        raise ValueError(
+            f"`{name}` must be an integer from 2 to 8{none}; got {value!r}. HINT: 8 is the usual choice; 4 for weights"
+            " that must be small."
+        )

@@ -1,0 +1,174 @@
+"""QuantizationAwareTraining (first cut): surgery at setup, the observe-then-quantize schedule, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import GradualPruning
+from lightning_compress._lightning import Callback, pl
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.models import ImageClassifier
+from lightning_compress.quantization import QATConv2d, QATLinear
+from lightning_compress.quantization.callback import QuantizationAwareTraining
+
+
+class Flags(Callback):
+    """Records, before every step's forward, each QAT layer's flags and the weight ranges of net.fc1."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        layer = pl_module.net.fc1
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "fake_quant": bool(layer.fake_quant_enabled),
+                "observing": bool(layer.weight_observer.enabled),
+                "fc1_max": layer.weight_observer.max_val.clone(),
+                "bn_training": [m.training for m in pl_module.modules() if isinstance(m, nn.BatchNorm2d)],
+            }
+        )
+
+
+def fit(quiet: dict[str, Any], callbacks: list[Callback], max_steps: int, **trainer: Any) -> ImageClassifier:
+    pl.seed_everything(0)
+    model = ImageClassifier(image_size=8)
+    kwargs = {**quiet, **trainer}
+    pl.Trainer(max_steps=max_steps, callbacks=callbacks, **kwargs).fit(model, datamodule=DigitsDataModule())
+    return model
+
+
+def test_setup_swaps_linear_and_conv_layers_keeping_their_parameters(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    pl.seed_everything(0)
+    model = ImageClassifier(image_size=8)
+    before = {name: p for name, p in model.named_parameters()}
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, exclude=[r"net\.fc2"])
+    pl.Trainer(max_steps=2, callbacks=[qat], **quiet_trainer_kwargs).fit(model, datamodule=DigitsDataModule())
+    assert isinstance(model.net.conv1, QATConv2d) and isinstance(model.net.fc1, QATLinear)
+    assert type(model.net.fc2) is nn.Linear  # excluded
+    assert sorted(qat.layers) == ["net.conv1", "net.conv2", "net.fc1"]
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+def test_observes_before_start_step_then_quantizes_then_freezes_ranges(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    flags = Flags()
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, start_step=5, freeze_observers_step=12)
+    fit(quiet_trainer_kwargs, [qat, flags], max_steps=20)
+    for row in flags.rows:
+        assert row["fake_quant"] == (row["step"] >= 5), row["step"]
+        assert row["observing"] == (row["step"] < 12), row["step"]
+    frozen = [row["fc1_max"] for row in flags.rows if row["step"] >= 13]
+    assert all(torch.equal(frozen[0], later) for later in frozen[1:])  # no update once frozen
+    early = [row["fc1_max"] for row in flags.rows if 1 <= row["step"] <= 6]
+    assert not all(torch.equal(early[0], later) for later in early[1:])  # observers follow training before
+
+
+def test_int8_qat_still_learns_digits(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    model = fit(
+        quiet_trainer_kwargs,
+        [QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_step=10)],
+        max_steps=-1,
+        max_epochs=3,
+    )
+    trainer = pl.Trainer(**quiet_trainer_kwargs)
+    (metrics,) = trainer.validate(model, datamodule=DigitsDataModule(), verbose=False)
+    assert metrics["val/acc"] > 0.85  # 10 classes: chance is 0.1
+
+
+def test_pruned_weights_stay_exactly_zero_after_fake_quantization(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    callbacks = [
+        GradualPruning(0.8, start_step=0, end_step=10, update_every=5),
+        QuantizationAwareTraining(weight_bits=8, start_step=0),
+    ]
+    model = fit(quiet_trainer_kwargs, callbacks, max_steps=15)
+    layers = (model.net.conv1, model.net.conv2, model.net.fc1, model.net.fc2)
+    zeros = sum(int((layer.weight == 0).sum()) for layer in layers) / sum(layer.weight.numel() for layer in layers)
+    assert zeros == pytest.approx(0.8, abs=0.005)
+    for layer in layers:
+        pruned = layer.weight == 0
+        with torch.no_grad():
+            assert torch.count_nonzero(layer.quantized_weight()[pruned]) == 0
+
+
+def test_resume_from_the_last_batch_of_an_epoch_is_bitwise_exact(
+    tmp_path: Path, quiet_trainer_kwargs: dict[str, Any]
+) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def qat() -> QuantizationAwareTraining:
+        return QuantizationAwareTraining(weight_bits=4, activation_bits=8, start_step=10, freeze_observers_step=30)
+
+    quiet = {**quiet_trainer_kwargs, "enable_checkpointing": True}
+    saver = ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=19, save_top_k=-1)
+    whole = fit(quiet, [qat(), saver], max_steps=45)
+    pl.seed_everything(0)
+    resumed = ImageClassifier(image_size=8)
+    trainer = pl.Trainer(max_steps=45, callbacks=[qat()], **quiet_trainer_kwargs)
+    trainer.fit(resumed, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "ckpt" / "step=19.ckpt")
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys() and any("observer" in k for k in got)
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight_bits": 1}, r"`weight_bits` must be an integer from 2 to 8; got 1"),
+        ({"weight_bits": 16}, r"`weight_bits` must be an integer from 2 to 8; got 16"),
+        ({"weight_bits": "8"}, r"`weight_bits` must be an integer from 2 to 8; got '8'"),
+        ({"activation_bits": 9}, r"`activation_bits` must be an integer from 2 to 8 or None .*got 9"),
+        ({"start_step": -1}, r"`start_step` must be an integer >= 0; got -1"),
+        ({"start_step": 10, "freeze_observers_step": 5}, r"`freeze_observers_step` must be None or .*>= `start_step`"),
+        ({"start_step": 10, "freeze_bn_step": 3}, r"`freeze_bn_step` must be None or an integer step >= `start_step`"),
+        ({"include": "net.fc1"}, r"`include` must be a list of regular expressions"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_include_matching_nothing_is_refused_before_any_step(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    trainer = pl.Trainer(
+        max_steps=5, callbacks=[QuantizationAwareTraining(include=["net.fc9"])], **quiet_trainer_kwargs
+    )
+    with pytest.raises(ValueError, match=r"`include` pattern 'net.fc9' matches no Linear/Conv2d module"):
+        trainer.fit(ImageClassifier(image_size=8), datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+def test_a_model_with_no_quantizable_layer_is_refused(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    class NoLinear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+
+        def training_step(self, batch: Any, idx: int) -> torch.Tensor:
+            return self.embed(batch[1]).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(max_steps=1, callbacks=[QuantizationAwareTraining()], **quiet_trainer_kwargs)
+    with pytest.raises(
+        ValueError, match=r"No module of NoLinear is left to compress: supported types are Linear/Conv2d"
+    ):
+        trainer.fit(NoLinear(), datamodule=DigitsDataModule())
+
+
+def test_validation_and_inference_never_move_the_ranges(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    model = fit(quiet_trainer_kwargs, [QuantizationAwareTraining(weight_bits=8, activation_bits=8)], max_steps=5)
+    ranges = {k: v.clone() for k, v in model.state_dict().items() if "observer" in k}
+    pl.Trainer(**quiet_trainer_kwargs).validate(model, datamodule=DigitsDataModule(), verbose=False)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 8, 8) * 100)  # far outside anything seen in training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ranges.items())
