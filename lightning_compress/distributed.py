@@ -130,3 +130,17 @@ def _write_fp32_masters(params: Sequence[nn.Parameter], edit: Callable[[int, tor
             master = safe_get_full_fp32_param(param)
             edit(i, master)
             safe_set_full_fp32_param(param, master)
+
+
+def all_reduce_extrema_(minima: Sequence[torch.Tensor], maxima: Sequence[torch.Tensor]) -> None:
+    """In place on every rank: each tensor of ``minima`` becomes its minimum over the ranks, each of ``maxima`` its
+    maximum. Two collectives in all (the tensors travel flattened together); a no-op in a single process."""
+    import torch.distributed as dist
+
+    if not minima or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for tensors, op in ((minima, dist.ReduceOp.MIN), (maxima, dist.ReduceOp.MAX)):
+        flat = torch.cat([t.detach().flatten() for t in tensors])
+        dist.all_reduce(flat, op=op)
+        for tensor, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors]), strict=True):
+            tensor.data.copy_(part.view_as(tensor))

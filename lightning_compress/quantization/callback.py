@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import events
+from lightning_compress import distributed, events
 from lightning_compress._lightning import Callback, pl
 from lightning_compress.quantization.fake_quant import QuantSpec
 from lightning_compress.quantization.layers import QATConv2d, QATLinear, _QATBase
@@ -102,6 +102,17 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Every rank observed its own batch: agree on the activation ranges (the widest over the ranks), so all
+        ranks quantize alike. DDP's buffer broadcast would keep rank 0's alone; DeepSpeed broadcasts nothing."""
+        if self._applied is None or not self._applied[1]:
+            return
+        observers = [layer.input_observer for layer in self.layers.values() if layer.input_observer is not None]
+        distributed.all_reduce_extrema_([o.min_val for o in observers], [o.max_val for o in observers])
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
