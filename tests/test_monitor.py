@@ -187,3 +187,28 @@ def test_structure_is_remeasured_only_after_a_compression_event(
     # start (0); after the mask updates at steps 10, 20, 30 (the one at step 0 happens before the first log);
     # validation ends at 20 and 40; fit end at 40. Not once per logged step.
     assert calls == [0, 10, 20, 20, 30, 40, 40]
+
+
+def test_without_example_input_array_the_monitor_warns_once_and_logs_no_flops(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import CSVLogger
+
+    class NoExample(ImageClassifier):
+        def __init__(self) -> None:
+            super().__init__(image_size=8)
+            self.example_input_array = None
+
+    logger = CSVLogger(tmp_path)
+    with pytest.warns(UserWarning, match=r"NoExample has no `example_input_array`, so FLOPs and latency") as record:
+        pl.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            logger=logger,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[CompressionMonitor(log_every_n_steps=1)],
+        ).fit(NoExample(), datamodule=DigitsDataModule())
+    assert sum("example_input_array" in str(w.message) for w in record) == 1
+    series = read_csv_metrics(Path(logger.log_dir) / "metrics.csv")
+    assert "compress/params_dense" in series and "compress/flops_dense" not in series
+    assert "compress/latency_ms" not in series

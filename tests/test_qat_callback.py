@@ -172,3 +172,30 @@ def test_validation_and_inference_never_move_the_ranges(quiet_trainer_kwargs: di
     with torch.no_grad():
         model(torch.randn(4, 1, 8, 8) * 100)  # far outside anything seen in training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ranges.items())
+
+
+def test_batch_norm_statistics_freeze_at_freeze_bn_step(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    class WithBatchNorm(ImageClassifier):
+        def __init__(self) -> None:
+            super().__init__(image_size=8)
+            self.bn = nn.BatchNorm2d(1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(self.bn(x))
+
+    class RunningMean(Callback):
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, bool, torch.Tensor]] = []
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            self.rows.append((trainer.global_step, pl_module.bn.training, pl_module.bn.running_mean.clone()))
+
+    pl.seed_everything(0)
+    seen = RunningMean()
+    qat = QuantizationAwareTraining(start_step=2, freeze_bn_step=5)
+    trainer = pl.Trainer(max_steps=25, callbacks=[qat, seen], **quiet_trainer_kwargs)  # crosses an epoch (19 steps)
+    trainer.fit(WithBatchNorm(), datamodule=DigitsDataModule())
+    for step, training, _ in seen.rows:
+        assert training == (step <= 5), step  # the batch of step s runs with the flags set before it: s - 1 >= 5
+    frozen = [mean for step, _, mean in seen.rows if step >= 6]
+    assert all(torch.equal(frozen[0], later) for later in frozen[1:])

@@ -71,6 +71,7 @@ class QuantizationAwareTraining(Callback):
             None if activation_bits is None else QuantSpec(bits=activation_bits, symmetric=False, per_channel=False)
         )
         self.layers: dict[str, _QATBase] = {}
+        self._batch_norms: list[nn.Module] = []  # found once at setup, re-frozen every step once frozen
         self._applied: tuple[bool, bool, bool] | None = None  # (fake quant, observers, BN frozen) last set
 
     @property
@@ -87,6 +88,7 @@ class QuantizationAwareTraining(Callback):
             parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
             setattr(parent, child, self.swap(module))
             self.layers[name] = getattr(parent, child)
+        self._batch_norms = [m for m in pl_module.modules() if isinstance(m, _BATCH_NORMS)]
 
     def swap(self, module: nn.Module) -> _QATBase:
         """The QAT layer that replaces ``module`` (sharing its Parameters). Override to support more layer types."""
@@ -120,9 +122,8 @@ class QuantizationAwareTraining(Callback):
         observing = self.freeze_observers_step is None or step < self.freeze_observers_step
         bn_frozen = self.freeze_bn_step is not None and step >= self.freeze_bn_step
         if bn_frozen:  # Lightning puts the model back in train mode every epoch: re-freeze every step
-            for module in pl_module.modules():
-                if isinstance(module, _BATCH_NORMS):
-                    module.eval()
+            for module in self._batch_norms:
+                module.eval()
         if self._applied == (fake_quant, observing, bn_frozen):
             return
         for layer in self.layers.values():
