@@ -3,15 +3,18 @@
 from lightning_compress.export import CompressedFileError, load_compressed, save_compressed
 from lightning_compress.monitor import CompressionMonitor
 from lightning_compress.pruning import GradualPruning
+from lightning_compress.quantization import QuantizationAwareTraining, convert_to_int8
 from lightning_compress.recipes import RecipeError, load_recipe
 
 __all__ = [
     "CompressedFileError",
     "CompressionMonitor",
     "GradualPruning",
+    "QuantizationAwareTraining",
     "RecipeError",
     "load_compressed",
     "load_recipe",
+    "convert_to_int8",
     "save_compressed",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""Int8 inference layers: what a QAT layer becomes after :func:`~lightning_compress.quantization.convert_to_int8`.
+
+Each layer holds its weight as integers (``int8`` buffer ``weight``, values inside the trained bit width), one float32
+scale per output channel (``weight_scale``), the float bias, and, when activations were quantized, the input's scale
+and zero point (``input_scale``, ``input_zero_point``). Forward quantizes the input with that scale (the arithmetic
+fake quantization used in training) and runs oneDNN's integer kernel (see :mod:`.kernels`), so the converted model
+computes what the QAT model computed in eval mode, up to float rounding, and pruned weights are integer zeros.
+
+Weight-only layers (``activation_bits=None``) store int8 weights but compute in float: smaller, not faster.
+The constructors take only JSON-able arguments, so ``save_compressed`` can record and rebuild these layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress.protocol import LayerFigures
+from lightning_compress.quantization import kernels
+from lightning_compress.quantization.fake_quant import QuantSpec, quantize
+
+__all__ = ["Int8Conv2d", "Int8Linear"]
+
+
+class _Int8Base(nn.Module):
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+    input_scale: torch.Tensor
+    input_zero_point: torch.Tensor
+
+    def _init_buffers(self, weight_shape: tuple[int, ...], bias: bool, weight_bits: int, activation_bits: int | None):
+        self.weight_spec = QuantSpec(bits=weight_bits, symmetric=True, per_channel=True, channel_axis=0)
+        self.activation_spec = (
+            None if activation_bits is None else QuantSpec(bits=activation_bits, symmetric=False, per_channel=False)
+        )
+        self.weight_bits, self.activation_bits = weight_bits, activation_bits
+        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(weight_shape[0]))
+        self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
+        if activation_bits is not None:
+            self.register_buffer("input_scale", torch.tensor(1.0))
+            self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
+        self._packed: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    def _load_from_qat(self, layer: nn.Module) -> None:
+        """Copy the integers and scales the QAT ``layer`` trained (its observers' ranges) into this layer."""
+        scale, zero_point = layer.weight_observer.calculate_qparams()
+        with torch.no_grad():
+            self.weight.copy_(quantize(layer.weight.detach(), scale, zero_point, self.weight_spec))
+            self.weight_scale.copy_(scale)
+            if self.bias is not None:
+                self.bias.copy_(layer.bias.detach())
+            if self.activation_spec is not None:
+                input_scale, input_zero_point = layer.input_observer.calculate_qparams()
+                self.input_scale.copy_(input_scale)
+                self.input_zero_point.copy_(input_zero_point)
+
+    def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        scale, zero_point = self.input_scale, self.input_zero_point
+        return quantize(x, scale, zero_point, self.activation_spec), float(scale), int(zero_point)
+
+    def _cached_pack(self, make: Any) -> torch.Tensor:
+        """oneDNN's packed weight, re-made only when a buffer it depends on changed (``load_state_dict``, edits)."""
+        tensors = [self.weight, self.weight_scale]
+        if self.activation_spec is not None:
+            tensors += [self.input_scale, self.input_zero_point]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, make())
+        return self._packed[1]
+
+    def compression_figures(self) -> LayerFigures:
+        """``bits`` is the weight width; FLOPs count non-zero weights (integer arithmetic is reported via bits)."""
+        shape = tuple(self.weight.shape)
+        total = self.weight.numel()
+        nonzeros = int(torch.count_nonzero(self.weight))
+        return LayerFigures(
+            weight_shape=shape,
+            params_dense=total,
+            params_effective=nonzeros,
+            bits=self.weight_bits,
+            rank=None,
+            flops_factor=nonzeros / total if total else 1.0,
+        )
+
+    def _bits_repr(self) -> str:
+        return f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
+
+
+class Int8Linear(_Int8Base):
+    """``y = x W^T + b`` with ``W`` stored as int8 (per output channel scales) and ``x`` quantized per tensor."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_buffers((out_features, in_features), bias, weight_bits, activation_bits)
+
+    @classmethod
+    def from_qat(cls, layer: nn.Module) -> Int8Linear:
+        """The int8 layer for a trained ``QATLinear`` (its weight, bias and observed ranges)."""
+        spec = layer.activation_spec
+        out = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.weight_spec.bits,
+                  None if spec is None else spec.bits)  # fmt: skip
+        out._load_from_qat(layer)
+        return out
+
+    def rebuild_args(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-able) that rebuild this layer's empty skeleton."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "weight_bits": self.weight_bits, "activation_bits": self.activation_bits}  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_spec is None:
+            weight = kernels.dequantized_weight(self.weight, self.weight_scale).to(x.dtype)
+            return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        q, scale, zero_point = self._quantized_input(x)
+        if kernels.onednn_available(x.device):
+            packed = self._cached_pack(lambda: kernels.prepack_linear(self.weight))
+            out = kernels.linear_u8s8(q, scale, zero_point, packed, self.weight_scale, self.bias)
+        else:
+            weight = kernels.dequantized_weight(self.weight, self.weight_scale)
+            out = F.linear(kernels.dequantized_input(q, scale, zero_point), weight, self.bias)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " + (
+            self._bits_repr()
+        )
+
+
+class Int8Conv2d(_Int8Base):
+    """``nn.Conv2d`` (zero padding) with an int8 weight (per output channel scales) and a per-tensor quantized input."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: list[int],
+        stride: list[int],
+        padding: list[int] | str,
+        dilation: list[int],
+        groups: int = 1,
+        bias: bool = True,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        self._onednn_padding = _explicit_padding(self.padding, self.kernel_size, self.dilation)
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self._init_buffers(shape, bias, weight_bits, activation_bits)
+
+    @classmethod
+    def from_qat(cls, layer: nn.Module) -> Int8Conv2d:
+        """The int8 layer for a trained ``QATConv2d`` (its weight, bias, geometry and observed ranges)."""
+        spec = layer.activation_spec
+        out = cls(layer.in_channels, layer.out_channels, list(layer.kernel_size), list(layer.stride),
+                  layer.padding if isinstance(layer.padding, str) else list(layer.padding), list(layer.dilation),
+                  layer.groups, layer.bias is not None, layer.weight_spec.bits,
+                  None if spec is None else spec.bits)  # fmt: skip
+        out._load_from_qat(layer)
+        return out
+
+    def rebuild_args(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-able) that rebuild this layer's empty skeleton."""
+        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": padding,
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+                "weight_bits": self.weight_bits, "activation_bits": self.activation_bits}  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_spec is None:
+            weight = kernels.dequantized_weight(self.weight, self.weight_scale).to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        q, scale, zero_point = self._quantized_input(x)
+        padding = self._onednn_padding
+        if padding is not None and x.dim() == 4 and kernels.onednn_available(x.device):
+            packed = self._cached_pack(
+                lambda: kernels.prepack_conv2d(
+                    self.weight, self.weight_scale, scale, zero_point, self.stride, padding, self.dilation, self.groups
+                )  # fmt: skip
+            )
+            out = kernels.conv2d_u8s8(q.contiguous(), scale, zero_point, packed, self.weight_scale, self.bias,
+                                      self.stride, padding, self.dilation, self.groups)  # fmt: skip
+        else:
+            weight = kernels.dequantized_weight(self.weight, self.weight_scale)
+            x_float = kernels.dequantized_input(q, scale, zero_point)
+            out = F.conv2d(x_float, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
+            f" padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
+            + self._bits_repr()
+        )
+
+
+def _explicit_padding(padding: tuple[int, ...] | str, kernel: tuple[int, ...], dilation: tuple[int, ...]):
+    """Padding as two ints for oneDNN, or None where it has no symmetric equivalent (``'same'`` with even kernels)."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+    return tuple(padding)

@@ -1,0 +1,94 @@
+"""Integer kernels for the int8 layers: oneDNN's u8s8 Linear and Conv2d with float32 output, on CPU.
+
+Which kernels, and why: ``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise`` take plain ``uint8`` inputs,
+``int8`` weights and float scales (no quantized tensor types, which torch 2.13 deprecates), accumulate in int32 and
+return float32 with the bias added. They are the kernels torchao's x86 PT2E lowering targets, and they compute exactly
+what fake quantization simulated: ``(q_x - z_x) * s_x`` times ``q_w * s_w``, summed in integers. The deprecated
+``torch.ao.quantization`` workflow is not used. Everything version-specific about these ops is in this file.
+
+Where oneDNN cannot run (another device, a build without it, a padding it does not take), the layers compute the
+same arithmetic in float from the integer values (:func:`dequantized_weight`, :func:`dequantized_input`): the same
+results up to float rounding, without the speed-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def onednn_available(device: torch.device) -> bool:
+    """Whether the oneDNN integer kernels can run on ``device`` in this torch build."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.onednn, "qlinear_pointwise")
+        and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+    )
+
+
+def prepack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed form of an ``int8`` weight of shape ``[out, in]`` (opaque; not saved)."""
+    return torch.ops.onednn.qlinear_prepack(weight, None)
+
+
+def linear_u8s8(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``uint8`` input ``[..., in]`` times the packed ``int8`` weight, per-channel scales, float32 output."""
+    zero_points = torch.zeros(weight_scale.numel(), dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        x, x_scale, x_zero_point, packed, weight_scale, zero_points, bias, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+def prepack_conv2d(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """oneDNN's packed form of an ``int8`` convolution weight ``[out, in/groups, kh, kw]`` (opaque; not saved)."""
+    return torch.ops.onednn.qconv_prepack(
+        weight, weight_scale, x_scale, x_zero_point, list(stride), list(padding), list(dilation), groups, None
+    )
+
+
+def conv2d_u8s8(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """``uint8`` NCHW input convolved with the packed ``int8`` weight (zero padding means the real value 0)."""
+    zero_points = torch.zeros(weight_scale.numel(), dtype=torch.int64)
+    return torch.ops.onednn.qconv2d_pointwise(
+        x, x_scale, x_zero_point, packed, weight_scale, zero_points, bias,
+        list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+def dequantized_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight the integers stand for: ``q * scale`` with one scale per output channel (dimension 0)."""
+    return weight.float() * weight_scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def dequantized_input(x: torch.Tensor, x_scale: float, x_zero_point: int) -> torch.Tensor:
+    """The float32 input the ``uint8`` values stand for: ``(q - zero_point) * scale``."""
+    return (x.float() - x_zero_point) * x_scale
