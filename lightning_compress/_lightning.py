@@ -6,5 +6,6 @@ through here, so serving the unified ``lightning`` package later is a change to 
 
 import pytorch_lightning as pl
 from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_info
 
-__all__ = ["pl", "Callback", "LightningDataModule", "LightningModule", "Trainer"]
+__all__ = ["pl", "Callback", "LightningDataModule", "LightningModule", "Trainer", "rank_zero_info"]

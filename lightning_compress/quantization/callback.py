@@ -1,18 +1,19 @@
-"""QuantizationAwareTraining: fake-quantize Linear/Conv2d weights (and optionally their inputs) while training.
-
-First cut (issue 5 in progress): single-process schedule, resume and pruning compatibility. Not yet exported at the
-package's top level: the int8 convert, BN folding, synced activation ranges under DDP and the benchmarks follow.
-"""
+"""QuantizationAwareTraining: fake-quantize Linear/Conv2d weights (and optionally their inputs) while training, then
+convert to a model with int8 layers that run integer kernels."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress import distributed, events
-from lightning_compress._lightning import Callback, pl
+from lightning_compress._lightning import Callback, pl, rank_zero_info
+from lightning_compress.export import save_compressed
+from lightning_compress.quantization.convert import convert_to_int8
 from lightning_compress.quantization.fake_quant import QuantSpec
 from lightning_compress.quantization.layers import QATConv2d, QATLinear, _QATBase
 from lightning_compress.targeting import Targeting
@@ -39,6 +40,11 @@ class QuantizationAwareTraining(Callback):
         freeze_bn_step: step from which BatchNorm layers use frozen running statistics (``None``: never).
         include: regular expressions (whole qualified names) of the layers to quantize; default all Linear/Conv2d.
         exclude: regular expressions of layers to keep in float.
+        convert_at_fit_end: at the end of ``fit``, keep an int8 copy of the model in :attr:`int8_model` (see
+            :func:`~lightning_compress.convert_to_int8`); the trained model itself stays a QAT model. Skipped under
+            ZeRO-3 (convert the consolidated checkpoint instead).
+        export_path: where to write the int8 model with ``save_compressed`` at the end of ``fit`` (rank 0). An
+            existing file is refused before training starts; nothing is overwritten.
     """
 
     def __init__(
@@ -50,6 +56,8 @@ class QuantizationAwareTraining(Callback):
         freeze_bn_step: int | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        convert_at_fit_end: bool = True,
+        export_path: str | None = None,
     ) -> None:
         _check_bits("weight_bits", weight_bits, allow_none=False)
         _check_bits("activation_bits", activation_bits, allow_none=True)
@@ -65,6 +73,17 @@ class QuantizationAwareTraining(Callback):
         self.start_step = start_step
         self.freeze_observers_step, self.freeze_bn_step = freeze_observers_step, freeze_bn_step
         self.include, self.exclude = include, exclude
+        if not isinstance(convert_at_fit_end, bool):
+            raise ValueError(f"`convert_at_fit_end` must be True or False; got {convert_at_fit_end!r}.")
+        if export_path is not None and (not isinstance(export_path, (str, os.PathLike)) or not os.fspath(export_path)):
+            raise ValueError(f"`export_path` must be None or a file path; got {export_path!r}.")
+        if export_path is not None and not convert_at_fit_end:
+            raise ValueError(
+                "`export_path` needs `convert_at_fit_end=True`: the exported model is the one converted at fit end."
+            )
+        self.convert_at_fit_end = convert_at_fit_end
+        self.export_path = None if export_path is None else Path(os.fspath(export_path))
+        self.int8_model: nn.Module | None = None
         self.targeting = Targeting.from_arguments(include, exclude, layer_types=QUANTIZABLE)
         self.weight_spec = QuantSpec(bits=weight_bits, symmetric=True, per_channel=True, channel_axis=0)
         self.activation_spec = (
@@ -83,12 +102,26 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.layers:
             return
-        for name, module in self.targeting.select(pl_module).items():
-            parent_name, _, child = name.rpartition(".")
-            parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
-            setattr(parent, child, self.swap(module))
-            self.layers[name] = getattr(parent, child)
+        if self.export_path is not None and self.export_path.exists():
+            raise FileExistsError(
+                f"`export_path` {str(self.export_path)!r} already exists; QuantizationAwareTraining will not overwrite"
+                " it. HINT: choose a new path or move the file away (checked before training, so nothing was run)."
+            )
+        self.layers = self.prepare(pl_module)
         self._batch_norms = [m for m in pl_module.modules() if isinstance(m, _BATCH_NORMS)]
+
+    def prepare(self, model: nn.Module) -> dict[str, _QATBase]:
+        """Swap the targeted layers of ``model`` for QAT layers, in place (what ``setup`` does); return them by name.
+
+        Use it outside a Trainer to calibrate or to rebuild a QAT model before loading a QAT state dict.
+        """
+        layers = {}
+        for name, module in self.targeting.select(model).items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, self.swap(module))
+            layers[name] = getattr(parent, child)
+        return layers
 
     def swap(self, module: nn.Module) -> _QATBase:
         """The QAT layer that replaces ``module`` (sharing its Parameters). Override to support more layer types."""
@@ -115,6 +148,20 @@ class QuantizationAwareTraining(Callback):
             return
         observers = [layer.input_observer for layer in self.layers.values() if layer.input_observer is not None]
         distributed.all_reduce_extrema_([o.min_val for o in observers], [o.max_val for o in observers])
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.convert_at_fit_end or not self.layers:
+            return
+        if any(distributed.is_zero3_partitioned(layer.weight) for layer in self.layers.values()):
+            rank_zero_info(
+                "QuantizationAwareTraining: the weights are ZeRO-3 partitioned, so no int8 model is made at fit end."
+                " Load the consolidated checkpoint into the model and call lightning_compress.convert_to_int8."
+            )
+            return
+        self.int8_model = convert_to_int8(pl_module)
+        if self.export_path is not None and trainer.is_global_zero:
+            save_compressed(self.int8_model, self.export_path)
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
