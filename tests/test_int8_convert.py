@@ -13,7 +13,7 @@ from lightning_compress import GradualPruning, QuantizationAwareTraining, conver
 from lightning_compress._lightning import pl
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import ImageClassifier
-from lightning_compress.quantization import Int8Conv2d, Int8Linear, QATConv2d, QATLinear, kernels
+from lightning_compress.quantization import Int8Conv1d, Int8Conv2d, Int8Linear, QATConv1d, QATConv2d, QATLinear, kernels
 
 
 def calibrated(model: nn.Module, inputs: torch.Tensor, **qat: Any) -> nn.Module:
@@ -53,6 +53,22 @@ def test_converted_model_computes_what_the_qat_model_computes_in_eval() -> None:
     assert expected.abs().max() > 0.1  # a real signal, not zeros
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert isinstance(qat[0], QATConv2d)  # inplace=False: the QAT model is untouched
+
+
+def test_conv1d_runs_the_integer_convolution_at_height_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 20)
+    net = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 6, 5, stride=2, dilation=2, groups=2))
+    qat = calibrated(net, x)
+    assert isinstance(qat[0], QATConv1d) and isinstance(qat[2], QATConv1d)
+    int8 = convert_to_int8(qat)
+    assert isinstance(int8[0], Int8Conv1d)
+    calls = []
+    conv = kernels.conv2d_u8s8
+    monkeypatch.setattr(kernels, "conv2d_u8s8", lambda *args: calls.append(1) or conv(*args))
+    with torch.no_grad():
+        torch.testing.assert_close(int8(x), qat(x), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2
 
 
 def test_linear_takes_the_token_dimension_of_a_transformer() -> None:

@@ -140,7 +140,7 @@ def test_include_matching_nothing_is_refused_before_any_step(quiet_trainer_kwarg
     trainer = pl.Trainer(
         max_steps=5, callbacks=[QuantizationAwareTraining(include=["net.fc9"])], **quiet_trainer_kwargs
     )
-    with pytest.raises(ValueError, match=r"`include` pattern 'net.fc9' matches no Linear/Conv2d module"):
+    with pytest.raises(ValueError, match=r"`include` pattern 'net.fc9' matches no Linear/Conv1d/Conv2d module"):
         trainer.fit(ImageClassifier(image_size=8), datamodule=DigitsDataModule())
     assert trainer.global_step == 0
 

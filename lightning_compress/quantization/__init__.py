@@ -11,15 +11,17 @@ from lightning_compress.quantization.fake_quant import (
     quantize,
     scale_zero_point,
 )
-from lightning_compress.quantization.int8 import Int8Conv2d, Int8Linear
-from lightning_compress.quantization.layers import QATConv2d, QATLinear
+from lightning_compress.quantization.int8 import Int8Conv1d, Int8Conv2d, Int8Linear
+from lightning_compress.quantization.layers import QATConv1d, QATConv2d, QATLinear
 from lightning_compress.quantization.observers import MinMaxObserver, MovingAverageObserver
 
 __all__ = [
+    "Int8Conv1d",
     "Int8Conv2d",
     "Int8Linear",
     "MinMaxObserver",
     "MovingAverageObserver",
+    "QATConv1d",
     "QATConv2d",
     "QATLinear",
     "QuantSpec",

@@ -1,5 +1,5 @@
-"""QuantizationAwareTraining: fake-quantize Linear/Conv2d weights (and optionally their inputs) while training, then
-convert to a model with int8 layers that run integer kernels."""
+"""QuantizationAwareTraining: fake-quantize Linear/Conv1d/Conv2d weights (and optionally their inputs) while
+training, then convert to a model with int8 layers that run integer kernels."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from lightning_compress._lightning import Callback, pl, rank_zero_info
 from lightning_compress.export import save_compressed
 from lightning_compress.quantization.convert import convert_to_int8
 from lightning_compress.quantization.fake_quant import QuantSpec
-from lightning_compress.quantization.layers import QATConv2d, QATLinear, _QATBase
+from lightning_compress.quantization.layers import QATConv1d, QATConv2d, QATLinear, _QATBase
 from lightning_compress.targeting import Targeting
 
-QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class QuantizationAwareTraining(Callback):
-    """Swap the targeted Linear/Conv2d layers for QAT layers at ``setup`` and fake-quantize them on a schedule.
+    """Swap the targeted Linear/Conv1d/Conv2d layers for QAT layers at ``setup`` and fake-quantize them on a schedule.
 
     Before ``start_step`` the layers only observe (calibration warm-up: weight ranges per output channel, input
     ranges by moving average); from ``start_step`` on, forward uses fake-quantized values with a straight-through
@@ -38,7 +38,8 @@ class QuantizationAwareTraining(Callback):
         start_step: optimizer step at which fake quantization starts.
         freeze_observers_step: step from which the ranges stop updating (``None``: never), >= ``start_step``.
         freeze_bn_step: step from which BatchNorm layers use frozen running statistics (``None``: never).
-        include: regular expressions (whole qualified names) of the layers to quantize; default all Linear/Conv2d.
+        include: regular expressions (whole qualified names) of the layers to quantize; default every
+            Linear/Conv1d/Conv2d.
         exclude: regular expressions of layers to keep in float.
         convert_at_fit_end: at the end of ``fit``, keep an int8 copy of the model in :attr:`int8_model` (see
             :func:`~lightning_compress.convert_to_int8`); the trained model itself stays a QAT model. Skipped under
@@ -126,7 +127,9 @@ class QuantizationAwareTraining(Callback):
     def swap(self, module: nn.Module) -> _QATBase:
         """The QAT layer that replaces ``module`` (sharing its Parameters). Override to support more layer types."""
         if isinstance(module, nn.Conv2d):
-            return QATConv2d.from_conv2d(module, self.weight_spec, self.activation_spec)
+            return QATConv2d.from_conv(module, self.weight_spec, self.activation_spec)
+        if isinstance(module, nn.Conv1d):
+            return QATConv1d.from_conv(module, self.weight_spec, self.activation_spec)
         return QATLinear.from_linear(module, self.weight_spec, self.activation_spec)
 
     @override

@@ -8,10 +8,16 @@ import torch
 from torch import nn
 
 from lightning_compress.distributed import is_zero3_partitioned
-from lightning_compress.quantization.int8 import Int8Conv2d, Int8Linear
-from lightning_compress.quantization.layers import QATConv2d, QATLinear, _QATBase
+from lightning_compress.quantization.int8 import Int8Conv1d, Int8Conv2d, Int8Linear
+from lightning_compress.quantization.layers import QATConv1d, QATConv2d, QATLinear, _QATBase
 
 __all__ = ["convert_to_int8"]
+
+_INT8_TYPE: dict[type[nn.Module], type[nn.Module]] = {
+    QATLinear: Int8Linear,
+    QATConv1d: Int8Conv1d,
+    QATConv2d: Int8Conv2d,
+}
 
 
 def convert_to_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -40,13 +46,13 @@ def convert_to_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = target.get_submodule(parent_name) if parent_name else target
         layer = getattr(parent, child)
-        int8 = Int8Conv2d.from_qat(layer) if isinstance(layer, QATConv2d) else Int8Linear.from_qat(layer)
+        int8 = _INT8_TYPE[type(layer)].from_qat(layer)
         setattr(parent, child, int8.to(layer.weight.device))
     return target.eval()
 
 
 def _check_convertible(name: str, layer: _QATBase) -> None:
-    if not isinstance(layer, (QATLinear, QATConv2d)):
+    if type(layer) not in _INT8_TYPE:
         raise ValueError(f"layer {name!r} is a {type(layer).__name__}, which has no int8 form.")
     if is_zero3_partitioned(layer.weight):
         raise ValueError(

@@ -22,7 +22,7 @@ from lightning_compress.protocol import LayerFigures
 from lightning_compress.quantization import kernels
 from lightning_compress.quantization.fake_quant import QuantSpec, quantize
 
-__all__ = ["Int8Conv2d", "Int8Linear"]
+__all__ = ["Int8Conv1d", "Int8Conv2d", "Int8Linear"]
 
 
 class _Int8Base(nn.Module):
@@ -165,7 +165,7 @@ class Int8Conv2d(_Int8Base):
 
     @classmethod
     def from_qat(cls, layer: nn.Module) -> Int8Conv2d:
-        """The int8 layer for a trained ``QATConv2d`` (its weight, bias, geometry and observed ranges)."""
+        """The int8 layer for a trained ``QATConv2d`` / ``QATConv1d`` (weight, bias, geometry, observed ranges)."""
         spec = layer.activation_spec
         out = cls(layer.in_channels, layer.out_channels, list(layer.kernel_size), list(layer.stride),
                   layer.padding if isinstance(layer.padding, str) else list(layer.padding), list(layer.dilation),
@@ -182,26 +182,33 @@ class Int8Conv2d(_Int8Base):
                 "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
                 "weight_bits": self.weight_bits, "activation_bits": self.activation_bits}  # fmt: skip
 
+    def _float_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_spec is None:
             weight = kernels.dequantized_weight(self.weight, self.weight_scale).to(x.dtype)
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return self._float_conv(x, weight, None if self.bias is None else self.bias.to(x.dtype))
         q, scale, zero_point = self._quantized_input(x)
         padding = self._onednn_padding
-        if padding is not None and x.dim() == 4 and kernels.onednn_available(x.device):
-            packed = self._cached_pack(
-                lambda: kernels.prepack_conv2d(
-                    self.weight, self.weight_scale, scale, zero_point, self.stride, padding, self.dilation, self.groups
-                )  # fmt: skip
-            )
-            out = kernels.conv2d_u8s8(q.contiguous(), scale, zero_point, packed, self.weight_scale, self.bias,
-                                      self.stride, padding, self.dilation, self.groups)  # fmt: skip
-        else:
+        batched = x.dim() == len(self.kernel_size) + 2
+        if padding is None or not batched or not kernels.onednn_available(x.device):
             weight = kernels.dequantized_weight(self.weight, self.weight_scale)
-            x_float = kernels.dequantized_input(q, scale, zero_point)
-            out = F.conv2d(x_float, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return out.to(x.dtype)
+            return self._float_conv(kernels.dequantized_input(q, scale, zero_point), weight, self.bias).to(x.dtype)
+        # Conv1d runs as a Conv2d of height 1: (N, C, L) -> (N, C, 1, L), geometry (1, s), (0, p), (1, d).
+        flat = len(self.kernel_size) == 1
+        weight = self.weight.unsqueeze(2) if flat else self.weight
+        stride, padding, dilation = ((1, *self.stride), (0, *padding), (1, *self.dilation)) if flat else (
+            self.stride, padding, self.dilation)  # fmt: skip
+        packed = self._cached_pack(
+            lambda: kernels.prepack_conv2d(
+                weight, self.weight_scale, scale, zero_point, stride, padding, dilation, self.groups
+            )  # fmt: skip
+        )
+        q = (q.unsqueeze(2) if flat else q).contiguous()
+        out = kernels.conv2d_u8s8(q, scale, zero_point, packed, self.weight_scale, self.bias, stride, padding,
+                                  dilation, self.groups)  # fmt: skip
+        return (out.squeeze(2) if flat else out).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -211,8 +218,15 @@ class Int8Conv2d(_Int8Base):
         )
 
 
+class Int8Conv1d(Int8Conv2d):
+    """``nn.Conv1d`` (zero padding) with an int8 weight; runs oneDNN's integer convolution at height 1."""
+
+    def _float_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 def _explicit_padding(padding: tuple[int, ...] | str, kernel: tuple[int, ...], dilation: tuple[int, ...]):
-    """Padding as two ints for oneDNN, or None where it has no symmetric equivalent (``'same'`` with even kernels)."""
+    """Padding as ints for oneDNN, or None where it has no symmetric equivalent (``'same'`` with even kernels)."""
     if padding == "valid":
         return (0, 0)
     if padding == "same":

@@ -1,7 +1,8 @@
-"""QAT layers: Linear and Conv2d that observe and fake-quantize their weight (and optionally their input).
+"""QAT layers: Linear, Conv1d and Conv2d that observe and fake-quantize their weight (and optionally their input).
 
-``from_linear`` / ``from_conv2d`` share the original ``weight`` and ``bias`` Parameters (the same objects), and
-``to_linear`` / ``to_conv2d`` hand them back, so optimizers, DDP and DeepSpeed see no new parameters.
+``from_linear`` / ``from_conv2d`` / ``from_conv1d`` share the original ``weight`` and ``bias`` Parameters (the same
+objects), and ``to_linear`` / ``to_conv2d`` / ``to_conv1d`` hand them back, so optimizers, DDP and DeepSpeed see no
+new parameters.
 Weights are observed per output channel (axis 0); inputs per tensor. Until ``fake_quant_enabled`` is set the layer
 only observes and computes exactly what the original layer computes. The flags are bool buffers read through
 ``torch.where`` (no host sync), so they are saved in the state dict with the observers' statistics.
@@ -134,13 +135,15 @@ class QATLinear(_QATBase):
 class QATConv2d(_QATBase):
     """``nn.Conv2d`` (zero padding) with fake-quantized weight (per output channel) and optionally input."""
 
+    float_type: type[nn.Module] = nn.Conv2d
+
     def __init__(
         self,
         weight: nn.Parameter,
         bias: nn.Parameter | None,
-        stride: tuple[int, int],
-        padding: tuple[int, int] | str,
-        dilation: tuple[int, int],
+        stride: tuple[int, ...],
+        padding: tuple[int, ...] | str,
+        dilation: tuple[int, ...],
         groups: int,
         weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
         activation_spec: QuantSpec | None = None,
@@ -153,24 +156,26 @@ class QATConv2d(_QATBase):
         self._init_quantization(weight, bias, weight_spec, activation_spec)
 
     @classmethod
-    def from_conv2d(
-        cls, conv: nn.Conv2d, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC, activation_spec: QuantSpec | None = None
+    def from_conv(
+        cls, conv: nn.Module, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC, activation_spec: QuantSpec | None = None
     ) -> QATConv2d:
         """A QAT layer that shares ``conv.weight`` and ``conv.bias`` and keeps its stride/padding/dilation/groups."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"`from_conv2d` takes an nn.Conv2d, got {type(conv).__name__}.")
+        if not isinstance(conv, cls.float_type):
+            raise TypeError(f"`{cls.__name__}` takes an nn.{cls.float_type.__name__}, got {type(conv).__name__}.")
         if conv.padding_mode != "zeros":
             raise ValueError(
-                f"QATConv2d supports `padding_mode='zeros'` only, got {conv.padding_mode!r}."
+                f"{cls.__name__} supports `padding_mode='zeros'` only, got {conv.padding_mode!r}."
                 " HINT: exclude this layer from quantization."
             )
         return cls(
             conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, weight_spec, activation_spec
         )
 
-    def to_conv2d(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding this layer's Parameters (no copy)."""
-        conv = nn.Conv2d(
+    from_conv2d = from_conv
+
+    def to_float(self) -> nn.Module:
+        """A plain float convolution holding this layer's Parameters (no copy)."""
+        conv = self.float_type(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -185,12 +190,27 @@ class QATConv2d(_QATBase):
         conv.bias = self.bias
         return conv
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight = self.quantized_input(x), self.quantized_weight()
+    to_conv2d = to_float
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(self.quantized_input(x), self.quantized_weight())
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
             f" padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}"
         )
+
+
+class QATConv1d(QATConv2d):
+    """``nn.Conv1d`` (zero padding) with fake-quantized weight (per output channel) and optionally input."""
+
+    float_type = nn.Conv1d
+    from_conv1d = QATConv2d.from_conv
+    to_conv1d = QATConv2d.to_float
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
