@@ -159,7 +159,7 @@ def test_a_model_with_no_quantizable_layer_is_refused(quiet_trainer_kwargs: dict
 
     trainer = pl.Trainer(max_steps=1, callbacks=[QuantizationAwareTraining()], **quiet_trainer_kwargs)
     with pytest.raises(
-        ValueError, match=r"No module of NoLinear is left to compress: supported types are Linear/Conv2d"
+        ValueError, match=r"No module of NoLinear is left to compress: supported types are Linear/Conv1d/Conv2d"
     ):
         trainer.fit(NoLinear(), datamodule=DigitsDataModule())
 
