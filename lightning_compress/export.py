@@ -8,10 +8,18 @@ safetensors tensors named ``<tensor>::<part>`` (``net.fc1.weight::bitmask``, ``n
      "model": {"class_path": "pkg.mod.Cls", "module": "pkg.mod", "qualname": "Cls", "init_args": {...} | null,
                "not_rebuildable": "why" (only when init_args is null)},
      "tensors": {"net.fc1.weight": {"codec": "bitmask", "meta": {"shape": [...], "dtype": "float32"},
-                                    "sha256": {"bitmask": "...", "values": "..."}}, ...}}
+                                    "sha256": {"bitmask": "...", "values": "..."}}, ...},
+     "modules": {"net.fc1": {"class_path": "lightning_compress.quantization.int8.Int8Linear", "module": "...",
+                             "qualname": "Int8Linear", "args": {"in_features": 3136, ...}}, ...}}
 
 and its SHA-256 under ``"lightning_compress.sha256"``, so that a flipped byte anywhere is reported, not loaded.
 The file's size is the safetensors header plus exactly ``sum(packed_nbytes(t))`` over the state dict.
+
+``modules`` (optional: absent in older files and when there is nothing to record) lists the submodules whose class
+is defined under ``lightning_compress.`` and has ``rebuild_args()`` (the int8 layers ``convert_to_int8`` puts in
+place of the float ones), with those arguments: ``load_compressed`` without a skeleton rebuilds the model class, then
+puts ``cls(**args)`` at each of those names, so an int8 model loads from the file alone. A module whose arguments do
+not survive JSON is recorded with ``"args": null`` and ``"not_rebuildable": "why"``.
 """
 
 from __future__ import annotations
@@ -100,6 +108,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, overwrite
             entry["sha256"][part] = _sha256(value)
         tensors[name] = entry
     manifest = {"format": FORMAT, "version": VERSION, "model": _model_record(model), "tensors": tensors}
+    modules = _module_records(model)
+    if modules:
+        manifest["modules"] = modules
     return _write_atomic(target, parts, encode_metadata(manifest), overwrite)
 
 
@@ -198,6 +209,29 @@ def _model_record(model: nn.Module) -> dict[str, Any]:
     return record
 
 
+def _module_records(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{qualified name: record}`` for the submodules ``load_compressed`` must put in place of the rebuilt ones."""
+    records = {}
+    for name, module in model.named_modules():
+        cls = type(module)
+        rebuild_args = getattr(module, "rebuild_args", None)
+        if not name or not cls.__module__.startswith(BUILTIN_TRUSTED_PREFIX + ".") or not callable(rebuild_args):
+            continue
+        record: dict[str, Any] = {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "module": cls.__module__,
+            "qualname": cls.__qualname__,
+            "args": None,
+        }
+        args = rebuild_args()
+        if isinstance(args, dict) and all(isinstance(key, str) for key in args) and _json_roundtrips(args):
+            record["args"] = args
+        else:
+            record["not_rebuildable"] = f"its rebuild_args() {args!r} do not survive JSON"
+        records[name] = record
+    return records
+
+
 def _init_args(model: nn.Module) -> tuple[dict[str, Any] | None, str]:
     """The JSON-serialisable arguments that rebuild ``model``'s class, or None and why not."""
     cls = type(model)
@@ -237,8 +271,11 @@ def load_compressed(
 
     With ``model`` (a skeleton of the same architecture), every key, shape and dtype is checked before anything is
     copied into it: on any error the skeleton is left as it was. Without ``model`` the class recorded in the file is
-    rebuilt from its recorded init arguments; it is imported only when its path starts with ``lightning_compress.``
-    or one of ``trusted_prefixes`` (so a file cannot make this process import arbitrary code).
+    rebuilt from its recorded init arguments, and the submodules the file records (int8 layers) are put in place,
+    each built from its recorded arguments; a class is imported only when its path starts with
+    ``lightning_compress.`` or one of ``trusted_prefixes`` (so a file cannot make this process import arbitrary
+    code). A skeleton must already have the saved structure (int8 layers included); the file's module records are
+    not applied to it.
     """
     trusted = _check_prefixes(trusted_prefixes)
     if model is not None and not isinstance(model, nn.Module):
@@ -249,6 +286,7 @@ def load_compressed(
     _check_parts(source, header, manifest["tensors"])
     if model is None:
         model = _rebuild(source, manifest["model"], trusted)
+        _replace_modules(source, manifest.get("modules", {}), model, trusted)
     _check_against(source, manifest["tensors"], model)
     state = _decode(source, manifest["tensors"])
     model.load_state_dict(state, strict=True)
@@ -386,12 +424,7 @@ def _listed(names: Sequence[str]) -> str:
 
 def _rebuild(source: Path, record: dict[str, Any], trusted: tuple[str, ...]) -> nn.Module:
     module, qualname = record.get("module"), record.get("qualname")
-    if not (
-        isinstance(module, str)
-        and _DOTTED.fullmatch(module)
-        and isinstance(qualname, str)
-        and _DOTTED.fullmatch(qualname)
-    ):
+    if not _is_dotted(module) or not _is_dotted(qualname):
         raise _fail(source, f"is corrupted: its recorded model class {module!r}.{qualname!r} is not a dotted path.")
     class_path = f"{module}.{qualname}"
     init_args = record.get("init_args")
@@ -402,30 +435,100 @@ def _rebuild(source: Path, record: dict[str, Any], trusted: tuple[str, ...]) -> 
             f"cannot rebuild {class_path} without a skeleton: {why}. HINT: build the model yourself and pass it:"
             f" load_compressed(path, model={qualname}(...)).",
         )
-    if not any(class_path == prefix or class_path.startswith(prefix + ".") for prefix in trusted):
-        top = module.split(".")[0]
-        raise _fail(
-            source,
-            f"records the class {class_path}, which is outside the trusted prefixes {list(trusted)}; nothing was"
-            f" imported. HINT: if you trust this file, pass trusted_prefixes=[{top!r}] (or give a skeleton with"
-            " model=...).",
-        )
+    _check_trusted(source, module, qualname, trusted)
+    cls = _import_module_class(source, module, qualname)
     try:
-        obj: Any = importlib.import_module(module)
-        for attr in qualname.split("."):
-            obj = getattr(obj, attr)
-    except (ImportError, AttributeError) as err:
-        raise _fail(source, f"records the class {class_path}, which cannot be imported: {err}.") from err
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise _fail(source, f"records {class_path}, which is not a torch.nn.Module subclass.")
-    try:
-        return obj(**init_args)
+        return cls(**init_args)
     except Exception as err:
         raise _fail(
             source,
             f"could not rebuild {class_path}(**{init_args}): {type(err).__name__}: {err}."
             " HINT: pass a skeleton with model=...",
         ) from err
+
+
+def _is_dotted(value: Any) -> bool:
+    return isinstance(value, str) and _DOTTED.fullmatch(value) is not None
+
+
+def _check_trusted(source: Path, module: str, qualname: str, trusted: tuple[str, ...], subject: str = "") -> None:
+    class_path = f"{module}.{qualname}"
+    if not any(class_path == prefix or class_path.startswith(prefix + ".") for prefix in trusted):
+        top = module.split(".")[0]
+        raise _fail(
+            source,
+            f"records the class {class_path}{subject}, which is outside the trusted prefixes {list(trusted)}; nothing"
+            f" was imported. HINT: if you trust this file, pass trusted_prefixes=[{top!r}] (or give a skeleton with"
+            " model=...).",
+        )
+
+
+def _import_module_class(source: Path, module: str, qualname: str, subject: str = "") -> type[nn.Module]:
+    """The class ``module.qualname`` (already checked against the trusted prefixes); it must be an nn.Module."""
+    class_path = f"{module}.{qualname}"
+    try:
+        obj: Any = importlib.import_module(module)
+        for attr in qualname.split("."):
+            obj = getattr(obj, attr)
+    except (ImportError, AttributeError) as err:
+        raise _fail(source, f"records the class {class_path}{subject}, which cannot be imported: {err}.") from err
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise _fail(source, f"records {class_path}{subject}, which is not a torch.nn.Module subclass.")
+    return obj
+
+
+def _replace_modules(source: Path, records: Any, model: nn.Module, trusted: tuple[str, ...]) -> None:
+    """Put ``cls(**args)`` at every name ``records`` (the manifest's ``modules``) lists, in the rebuilt ``model``.
+
+    Every record is validated and trusted before anything is imported; parents are replaced before their children.
+    """
+    if not isinstance(records, dict):
+        raise _fail(source, f"is corrupted: its manifest `modules` is not a JSON object, got {records!r}.")
+    checked = []
+    for name in sorted(records, key=lambda n: (n.count("."), n)):
+        record = records[name]
+        subject = f" for module {name!r}"
+        if not _is_dotted(name):
+            raise _fail(source, f"is corrupted: its module record name {name!r} is not a dotted attribute path.")
+        if not isinstance(record, dict):
+            raise _fail(source, f"is corrupted: its record{subject} is not a JSON object.")
+        module, qualname, args = record.get("module"), record.get("qualname"), record.get("args")
+        if not _is_dotted(module) or not _is_dotted(qualname):
+            raise _fail(
+                source, f"is corrupted: its recorded class {module!r}.{qualname!r}{subject} is not a dotted path."
+            )
+        if not isinstance(args, dict):
+            why = record.get("not_rebuildable") or "no constructor arguments were recorded"
+            raise _fail(
+                source,
+                f"cannot rebuild module {name!r} ({module}.{qualname}) without a skeleton: {why}. HINT: build the model"
+                " with that module in place yourself and pass it: load_compressed(path, model=...).",
+            )
+        _check_trusted(source, module, qualname, trusted, subject)
+        checked.append((name, module, qualname, args))
+    for name, module, qualname, args in checked:
+        subject = f" for module {name!r}"
+        cls = _import_module_class(source, module, qualname, subject)
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if not hasattr(parent, child) or not isinstance(getattr(parent, child), nn.Module):
+                raise AttributeError(f"{type(parent).__name__} has no submodule {child!r}")
+        except AttributeError as err:
+            raise _fail(
+                source,
+                f"records module {name!r} ({module}.{qualname}), which the rebuilt {type(model).__name__} does not"
+                f" have ({err}); nothing was loaded. HINT: pass a skeleton with model=...",
+            ) from None
+        try:
+            replacement = cls(**args)
+        except Exception as err:
+            raise _fail(
+                source,
+                f"could not rebuild module {name!r} as {module}.{qualname}(**{args}): {type(err).__name__}: {err};"
+                " nothing was loaded. HINT: pass a skeleton with model=...",
+            ) from err
+        setattr(parent, child, replacement)
 
 
 def _check_against(source: Path, tensors: dict[str, Any], model: nn.Module) -> None:

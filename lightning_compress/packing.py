@@ -5,7 +5,9 @@
 training is the number of tensor bytes in the exported file (the file adds only its header).
 
 A codec is one class registered with :func:`register_codec`. Lossless codecs (``lossless = True``) take part in the
-automatic choice; a lossy one (int8, low-rank factors) is used only when asked for by name.
+automatic choice; a lossy one (int8, low-rank factors) is used only when asked for by name. The automatic choice
+considers floating-point tensors and ``int8`` / ``uint8`` tensors (the weights of int8 layers); other integer and
+boolean tensors (BatchNorm's ``num_batches_tracked``, masks) stay dense.
 
 - ``dense``: the tensor as it is (part ``data``), bit for bit.
 - ``bitmask``: a packed bit mask of the non-zero elements, 1 bit per element, most significant bit first (part
@@ -13,6 +15,12 @@ automatic choice; a lossy one (int8, low-rank factors) is used only when asked f
   bits. Every non-zero element (NaN payloads, infinities, subnormals) reads back bit for bit; a zero reads back as
   ``+0.0``: ``-0.0`` (IEEE-equal to ``0.0``) counts as zero, because pruning by ``weight.mul_(mask)`` turns every
   pruned negative weight into ``-0.0`` and remembering those signs would cost one more bit per pruned weight.
+  A sparse int8 weight costs 1 bit per element + 1 byte per non-zero.
+- ``int4``: an ``int8`` tensor whose values all lie in [-8, 7] (weights trained with ``weight_bits <= 4``), two
+  elements per byte (part ``nibbles``, ``uint8``, ``ceil(numel / 2)`` bytes): the first element of each pair in the
+  high nibble, each as 4-bit two's complement; an odd count leaves the last low nibble zero.
+- ``bitmask_int4``: ``bitmask``'s bit mask (part ``bitmask``) plus the non-zero elements as ``int4`` nibbles (part
+  ``nibbles``): a sparse low-bit weight costs 1 bit per element + half a byte per non-zero.
 
 "Lossless" means that much: ``unpack(*pack(t))`` equals ``t`` element for element, bit-exact up to the sign of zero.
 """
@@ -27,8 +35,10 @@ import torch
 __all__ = [
     "CODECS",
     "BitmaskCodec",
+    "BitmaskInt4Codec",
     "Codec",
     "DenseCodec",
+    "Int4Codec",
     "PackingError",
     "choose_codec",
     "get_codec",
@@ -68,6 +78,8 @@ class Codec:
     name: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
     parts: ClassVar[tuple[str, ...]] = ()
+    stores: ClassVar[str] = ""
+    """What :meth:`supports` accepts, in words (for error messages); empty: any tensor."""
 
     def supports(self, tensor: torch.Tensor) -> bool:
         return True
@@ -150,12 +162,31 @@ def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(_SAME_SIZE_INT[tensor.element_size()])
 
 
+def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 1-D bool tensor as bits, 8 to a byte, most significant bit first, the last byte padded with zeros."""
+    padded = torch.zeros(math.ceil(mask.numel() / 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[: mask.numel()] = mask
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack_mask(parts: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+    """The 1-D bool mask of ``numel`` elements stored in part ``bitmask``, validated."""
+    bitmask = _check_part(parts, "bitmask", torch.Size([math.ceil(numel / 8)]), torch.uint8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bitmask.device)
+    bits = ((bitmask.view(-1, 1) & weights) != 0).reshape(-1)
+    if bool(bits[numel:].any()):
+        raise PackingError("part `bitmask` has bits set past the last element.")
+    return bits[:numel]
+
+
 @register_codec
 class BitmaskCodec(Codec):
     """A packed bit mask of the non-zero elements plus their values: ``ceil(numel/8) + nnz * itemsize`` bytes."""
 
     name = "bitmask"
     parts = ("bitmask", "values")
+    stores = "real tensors of 1, 2, 4 or 8 bytes per element"
 
     def supports(self, tensor: torch.Tensor) -> bool:
         return not tensor.is_complex() and tensor.element_size() in _SAME_SIZE_INT
@@ -167,31 +198,117 @@ class BitmaskCodec(Codec):
     def pack(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         flat = tensor.detach().reshape(-1)
         mask = flat != 0
-        padded = torch.zeros(math.ceil(flat.numel() / 8) * 8, dtype=torch.uint8, device=flat.device)
-        padded[: flat.numel()] = mask
-        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
-        bitmask = (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
         values = _as_bits(flat)[mask].view(flat.dtype)  # integer copy: bit-exact for every float
-        return {"bitmask": bitmask, "values": values}, _base_meta(tensor)
+        return {"bitmask": _pack_mask(mask), "values": values}, _base_meta(tensor)
 
     def unpack(self, parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
         shape, dtype = meta_shape_dtype(meta)
-        numel = shape.numel()
-        bitmask = _check_part(parts, "bitmask", torch.Size([math.ceil(numel / 8)]), torch.uint8)
-        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bitmask.device)
-        bits = (bitmask.view(-1, 1) & weights) != 0
-        if bool(bits.reshape(-1)[numel:].any()):
-            raise PackingError("part `bitmask` has bits set past the last element.")
-        mask = bits.reshape(-1)[:numel]
+        mask = _unpack_mask(parts, shape.numel())
         values = _check_part(parts, "values", torch.Size([int(mask.sum())]), dtype)
-        out = torch.zeros(numel, dtype=dtype, device=bitmask.device)
-        _as_bits(out)[mask] = _as_bits(values.to(bitmask.device))  # integer copy: bit-exact for every float
+        out = torch.zeros(shape.numel(), dtype=dtype, device=mask.device)
+        _as_bits(out)[mask] = _as_bits(values.to(mask.device))  # integer copy: bit-exact for every float
         return out.view(shape)
+
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def _fits_int4(tensor: torch.Tensor) -> bool:
+    if tensor.dtype != torch.int8:
+        return False
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return int(low) >= INT4_MIN and int(high) <= INT4_MAX
+
+
+def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """1-D int8 values in [-8, 7] as 4-bit two's complement, two to a byte, the first of each pair high."""
+    nibbles = torch.zeros(math.ceil(values.numel() / 2) * 2, dtype=torch.uint8, device=values.device)
+    nibbles[: values.numel()] = values.view(torch.uint8) & 0x0F
+    pairs = nibbles.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def _unpack_nibbles(packed: torch.Tensor, count: int, part: str) -> torch.Tensor:
+    """The ``count`` int8 values :func:`_pack_nibbles` stored in ``packed`` (part ``part``), sign-extended."""
+    nibbles = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)
+    if bool(nibbles[count:].any()):
+        raise PackingError(f"part `{part}` has a non-zero nibble past the last element.")
+    return ((nibbles[:count] ^ 8).to(torch.int8) - 8).to(torch.int8)  # sign-extend: 8..15 -> -8..-1
+
+
+@register_codec
+class Int4Codec(Codec):
+    """An int8 tensor with every value in [-8, 7] as 4-bit nibbles, two per byte: ``ceil(numel/2)`` bytes."""
+
+    name = "int4"
+    parts = ("nibbles",)
+    stores = f"int8 tensors whose values all lie in [{INT4_MIN}, {INT4_MAX}]"
+
+    def supports(self, tensor: torch.Tensor) -> bool:
+        return _fits_int4(tensor)
+
+    def nbytes(self, tensor: torch.Tensor) -> int:
+        return math.ceil(tensor.numel() / 2)
+
+    def pack(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {"nibbles": _pack_nibbles(tensor.detach().reshape(-1))}, _base_meta(tensor)
+
+    def unpack(self, parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+        shape, dtype = meta_shape_dtype(meta)
+        _check_int8(dtype, self.name)
+        numel = shape.numel()
+        packed = _check_part(parts, "nibbles", torch.Size([math.ceil(numel / 2)]), torch.uint8)
+        return _unpack_nibbles(packed, numel, "nibbles").view(shape)
+
+
+@register_codec
+class BitmaskInt4Codec(Codec):
+    """``bitmask``'s mask plus the non-zero values as ``int4`` nibbles: ``ceil(numel/8) + ceil(nnz/2)`` bytes."""
+
+    name = "bitmask_int4"
+    parts = ("bitmask", "nibbles")
+    stores = Int4Codec.stores
+
+    def supports(self, tensor: torch.Tensor) -> bool:
+        return _fits_int4(tensor)
+
+    def nbytes(self, tensor: torch.Tensor) -> int:
+        return math.ceil(tensor.numel() / 8) + math.ceil(int(torch.count_nonzero(tensor.detach())) / 2)
+
+    def pack(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        flat = tensor.detach().reshape(-1)
+        mask = flat != 0
+        return {"bitmask": _pack_mask(mask), "nibbles": _pack_nibbles(flat[mask])}, _base_meta(tensor)
+
+    def unpack(self, parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+        shape, dtype = meta_shape_dtype(meta)
+        _check_int8(dtype, self.name)
+        mask = _unpack_mask(parts, shape.numel())
+        nnz = int(mask.sum())
+        packed = _check_part(parts, "nibbles", torch.Size([math.ceil(nnz / 2)]), torch.uint8)
+        values = _unpack_nibbles(packed.to(mask.device), nnz, "nibbles")
+        if bool((values == 0).any()):
+            raise PackingError("part `nibbles` holds a zero where the bit mask marks a non-zero element.")
+        out = torch.zeros(shape.numel(), dtype=torch.int8, device=mask.device)
+        out[mask] = values
+        return out.view(shape)
+
+
+def _check_int8(dtype: torch.dtype, codec: str) -> None:
+    if dtype != torch.int8:
+        raise PackingError(f"codec {codec!r} stores int8 tensors only, the metadata says {dtype_name(dtype)}.")
+
+
+_AUTO_INTEGER_DTYPES = (torch.int8, torch.uint8)
+"""Integer dtypes the automatic choice packs (int8 weights); wider integers and bools stay dense."""
 
 
 def choose_codec(tensor: torch.Tensor) -> str:
     """The name of the lossless codec that stores ``tensor`` in the fewest bytes (ties: the earlier registered, so
-    ``dense``). Non-float tensors (integer buffers such as BatchNorm's ``num_batches_tracked``) stay dense."""
+    ``dense``). Floating-point, ``int8`` and ``uint8`` tensors are packed; other integer and boolean tensors (buffers
+    such as BatchNorm's ``num_batches_tracked``) stay dense."""
     return _smallest(tensor)[0]
 
 
@@ -202,7 +319,7 @@ def packed_nbytes(tensor: torch.Tensor, codec: str | None = None) -> int:
 
 def _smallest(tensor: torch.Tensor) -> tuple[str, int]:
     best, best_bytes = DenseCodec.name, CODECS[DenseCodec.name].nbytes(tensor)
-    if not tensor.is_floating_point():
+    if not (tensor.is_floating_point() or tensor.dtype in _AUTO_INTEGER_DTYPES):
         return best, best_bytes
     for name, codec in CODECS.items():
         if codec.lossless and codec.supports(tensor):
@@ -218,7 +335,10 @@ def pack(tensor: torch.Tensor, codec: str | None = None) -> tuple[dict[str, torc
     name = codec or choose_codec(tensor)
     chosen = get_codec(name)
     if not chosen.supports(tensor):
-        raise PackingError(f"codec {name!r} cannot store a {dtype_name(tensor.dtype)} tensor.")
+        stores = f" (it stores {chosen.stores})" if chosen.stores else ""
+        raise PackingError(
+            f"codec {name!r} cannot store this {dtype_name(tensor.dtype)}{list(tensor.shape)} tensor{stores}."
+        )
     parts, meta = chosen.pack(tensor)
     return parts, {"codec": name, "meta": meta}
 

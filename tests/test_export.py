@@ -3,8 +3,9 @@
 What the tests pin down:
 - a 90 %-sparse reference CNN exports to at most 0.2x its dense ``torch.save`` checkpoint and reloads to the same
   outputs, into a skeleton or rebuilt from the file alone;
-- every codec round-trips every dtype bit for bit (``bitmask`` up to the sign of zero: ``-0.0`` reads back as
-  ``+0.0``), and ``packed_nbytes`` is exactly what the file spends on data;
+- every codec round-trips every dtype it stores bit for bit (``bitmask`` up to the sign of zero: ``-0.0`` reads back
+  as ``+0.0``), and ``packed_nbytes`` is exactly what the file spends on data; float, int8 and uint8 tensors get the
+  smallest lossless codec, other integer tensors stay dense (int8 models: tests/test_export_int8.py);
 - a save never leaves a half-written or overwritten file; a bad file is a clear ``CompressedFileError`` that names
   it; a failed load changes nothing; a file cannot make us import a module we did not trust.
 """
@@ -217,6 +218,9 @@ def _cases() -> dict[str, torch.Tensor]:
         "int64_buffer": torch.tensor(12345),
         "int32_sparse": torch.tensor([0, 0, 5, 0, -3, 0, 0, 0, 0, 1], dtype=torch.int32),
         "uint8": torch.tensor([0, 255, 0, 7], dtype=torch.uint8),
+        "int8_sparse": torch.tensor([[0, -128, 0, 0, 127], [0, 0, 0, 5, 0], [-1, 0, 0, 0, 0]], dtype=torch.int8),
+        "int8_4bit": torch.tensor([-8, 7, 0, 3, -1, 0, 0, 2, -8], dtype=torch.int8),
+        "int8_4bit_sparse": torch.tensor([0, 0, 0, -8, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, -3], dtype=torch.int8),
         "bool": torch.tensor([[True, False], [False, False]]),
         "empty": torch.zeros(0),
         "empty_2d_bf16": torch.zeros(3, 0, dtype=torch.bfloat16),
@@ -279,7 +283,7 @@ def test_choose_codec_picks_the_smaller_and_packed_nbytes_matches_pack(case: str
     assert entry["codec"] == chosen
     assert packed_nbytes(tensor) == sum(p.numel() * p.element_size() for p in parts.values())
     sizes = {name: codec.nbytes(tensor) for name, codec in CODECS.items() if codec.lossless and codec.supports(tensor)}
-    if tensor.is_floating_point():
+    if tensor.is_floating_point() or tensor.dtype in (torch.int8, torch.uint8):
         assert packed_nbytes(tensor) == min(sizes.values())
     else:
         assert chosen == "dense"
@@ -324,7 +328,7 @@ def test_a_new_codec_is_one_registered_class(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_codec_errors_are_clear() -> None:
-    with pytest.raises(PackingError, match=r"unknown codec 'zstd'; known codecs: \['bitmask', 'dense'"):
+    with pytest.raises(PackingError, match=r"unknown codec 'zstd'; known codecs: \['bitmask', 'bitmask_int4', 'dense', 'int4'\]"):
         pack(torch.zeros(3), "zstd")
     parts, entry = pack(torch.tensor([0.0, 1.0, 2.0]), "bitmask")
     with pytest.raises(PackingError, match=r"part `values` is float32\[1\], expected float32\[2\]"):

@@ -121,6 +121,33 @@ def test_weights_are_integers_in_the_trained_bit_width_and_pruned_zeros_stay_zer
     assert not bool(weight[~zero].eq(0).all())
 
 
+def test_grouped_weights_get_a_scale_per_group_and_fit_4_bits_closer() -> None:
+    """``weight_group_size``: one scale per group of consecutive input weights; at 4 bits the grouped weights are
+    nearer the float ones than per-channel ones, and the int8 layer reproduces the grouped QAT layer."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    errors = {}
+    for group in (None, 16):
+        model = nn.Sequential(nn.Linear(64, 32))
+        with torch.no_grad():
+            model[0].weight[:, :8] *= 20  # a few large weights per row: one scale per row wastes the 4 bits
+        original = model[0].weight.detach().clone()
+        qat = calibrated(model, x, weight_bits=4, weight_group_size=group)
+        assert qat[0].weight_observer.min_val.numel() == (32 if group is None else 32 * 64 // 16)
+        int8 = convert_to_int8(qat)
+        assert int8[0].weight_scale.numel() == qat[0].weight_observer.min_val.numel()
+        with torch.no_grad():
+            torch.testing.assert_close(int8(x), qat(x), atol=1e-5, rtol=1e-5)
+        errors[group] = float((int8[0].float_weight() - original).pow(2).mean())
+    assert errors[16] < 0.5 * errors[None]
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_the_layer() -> None:
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 6))
+    with pytest.raises(ValueError, match=r"layer '1'.*`group_size`=16 does not divide the layer's 8 input features"):
+        QuantizationAwareTraining(weight_bits=4, weight_group_size=16).prepare(model)
+
+
 def test_weight_only_models_keep_float_activations() -> None:
     torch.manual_seed(0)
     x = torch.randn(16, 32)
@@ -208,6 +235,7 @@ def test_an_existing_export_path_is_refused_before_training_and_left_as_it_was(
         ({"convert_at_fit_end": "yes"}, r"`convert_at_fit_end` must be True or False; got 'yes'"),
         ({"export_path": ""}, r"`export_path` must be None or a file path; got ''"),
         ({"export_path": "m.lc", "convert_at_fit_end": False}, r"`export_path` needs `convert_at_fit_end=True`"),
+        ({"weight_group_size": 0}, r"`weight_group_size` must be None .* or a positive int; got 0"),
     ],
 )
 def test_bad_conversion_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:

@@ -44,6 +44,9 @@ class QuantizationAwareTraining(Callback):
         convert_at_fit_end: at the end of ``fit``, keep an int8 copy of the model in :attr:`int8_model` (see
             :func:`~lightning_compress.convert_to_int8`); the trained model itself stays a QAT model. Skipped under
             ZeRO-3 (convert the consolidated checkpoint instead).
+        weight_group_size: Linear weights get one scale per group of this many consecutive input weights instead of
+            one per output channel (finer ranges, for 4-bit weights); it must divide each Linear's input features.
+            Grouped layers convert to int8 weights that compute in float (no integer kernel takes group scales).
         export_path: where to write the int8 model with ``save_compressed`` at the end of ``fit`` (rank 0). An
             existing file is refused before training starts; nothing is overwritten.
     """
@@ -59,6 +62,7 @@ class QuantizationAwareTraining(Callback):
         exclude: list[str] | None = None,
         convert_at_fit_end: bool = True,
         export_path: str | None = None,
+        weight_group_size: int | None = None,
     ) -> None:
         _check_bits("weight_bits", weight_bits, allow_none=False)
         _check_bits("activation_bits", activation_bits, allow_none=True)
@@ -82,6 +86,14 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(
                 "`export_path` needs `convert_at_fit_end=True`: the exported model is the one converted at fit end."
             )
+        if weight_group_size is not None and (
+            isinstance(weight_group_size, bool) or not isinstance(weight_group_size, int) or weight_group_size < 1
+        ):
+            raise ValueError(
+                f"`weight_group_size` must be None (one scale per output channel) or a positive int; got"
+                f" {weight_group_size!r}. HINT: 32, 64 or 128 are usual."
+            )
+        self.weight_group_size = weight_group_size
         self.convert_at_fit_end = convert_at_fit_end
         self.export_path = None if export_path is None else Path(os.fspath(export_path))
         self.int8_model: nn.Module | None = None
@@ -120,7 +132,11 @@ class QuantizationAwareTraining(Callback):
         for name, module in self.targeting.select(model).items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, self.swap(module))
+            try:
+                swapped = self.swap(module)
+            except ValueError as err:
+                raise ValueError(f"QuantizationAwareTraining cannot quantize layer {name!r}: {err}") from None
+            setattr(parent, child, swapped)
             layers[name] = getattr(parent, child)
         return layers
 
@@ -130,7 +146,7 @@ class QuantizationAwareTraining(Callback):
             return QATConv2d.from_conv(module, self.weight_spec, self.activation_spec)
         if isinstance(module, nn.Conv1d):
             return QATConv1d.from_conv(module, self.weight_spec, self.activation_spec)
-        return QATLinear.from_linear(module, self.weight_spec, self.activation_spec)
+        return QATLinear.from_linear(module, self.weight_spec, self.activation_spec, self.weight_group_size)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -12,6 +12,7 @@ The constructors take only JSON-able arguments, so ``save_compressed`` can recor
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ class _Int8Base(nn.Module):
     input_scale: torch.Tensor
     input_zero_point: torch.Tensor
 
+    group_size: int | None = None
+
     def _init_buffers(self, weight_shape: tuple[int, ...], bias: bool, weight_bits: int, activation_bits: int | None):
         self.weight_spec = QuantSpec(bits=weight_bits, symmetric=True, per_channel=True, channel_axis=0)
         self.activation_spec = (
@@ -39,7 +42,8 @@ class _Int8Base(nn.Module):
         )
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
         self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(weight_shape[0]))
+        scales = weight_shape[0] if self.group_size is None else math.prod(weight_shape) // self.group_size
+        self.register_buffer("weight_scale", torch.ones(scales))
         self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
         if activation_bits is not None:
             self.register_buffer("input_scale", torch.tensor(1.0))
@@ -50,7 +54,8 @@ class _Int8Base(nn.Module):
         """Copy the integers and scales the QAT ``layer`` trained (its observers' ranges) into this layer."""
         scale, zero_point = layer.weight_observer.calculate_qparams()
         with torch.no_grad():
-            self.weight.copy_(quantize(layer.weight.detach(), scale, zero_point, self.weight_spec))
+            grouped = layer.grouped(layer.weight.detach())
+            self.weight.copy_(quantize(grouped, scale, zero_point, self.weight_spec).reshape(self.weight.shape))
             self.weight_scale.copy_(scale)
             if self.bias is not None:
                 self.bias.copy_(layer.bias.detach())
@@ -58,6 +63,13 @@ class _Int8Base(nn.Module):
                 input_scale, input_zero_point = layer.input_observer.calculate_qparams()
                 self.input_scale.copy_(input_scale)
                 self.input_zero_point.copy_(input_zero_point)
+
+    def float_weight(self) -> torch.Tensor:
+        """The float32 weight the integers stand for (one scale per output channel, or per group)."""
+        if self.group_size is None:
+            return kernels.dequantized_weight(self.weight, self.weight_scale)
+        grouped = self.weight.reshape(-1, self.group_size)
+        return kernels.dequantized_weight(grouped, self.weight_scale).reshape(self.weight.shape)
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         scale, zero_point = self.input_scale, self.input_zero_point
@@ -92,7 +104,11 @@ class _Int8Base(nn.Module):
 
 
 class Int8Linear(_Int8Base):
-    """``y = x W^T + b`` with ``W`` stored as int8 (per output channel scales) and ``x`` quantized per tensor."""
+    """``y = x W^T + b`` with ``W`` stored as int8 (per output channel scales) and ``x`` quantized per tensor.
+
+    With ``group_size`` (one scale per group of consecutive input weights) the integer kernels do not apply: the
+    layer stores int8 weights and computes in float.
+    """
 
     def __init__(
         self,
@@ -101,9 +117,10 @@ class Int8Linear(_Int8Base):
         bias: bool = True,
         weight_bits: int = 8,
         activation_bits: int | None = 8,
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self._init_buffers((out_features, in_features), bias, weight_bits, activation_bits)
 
     @classmethod
@@ -111,31 +128,33 @@ class Int8Linear(_Int8Base):
         """The int8 layer for a trained ``QATLinear`` (its weight, bias and observed ranges)."""
         spec = layer.activation_spec
         out = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.weight_spec.bits,
-                  None if spec is None else spec.bits)  # fmt: skip
+                  None if spec is None else spec.bits, layer.group_size)  # fmt: skip
         out._load_from_qat(layer)
         return out
 
     def rebuild_args(self) -> dict[str, Any]:
         """The constructor arguments (JSON-able) that rebuild this layer's empty skeleton."""
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
-                "weight_bits": self.weight_bits, "activation_bits": self.activation_bits}  # fmt: skip
+                "weight_bits": self.weight_bits, "activation_bits": self.activation_bits,
+                "group_size": self.group_size}  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_spec is None:
-            weight = kernels.dequantized_weight(self.weight, self.weight_scale).to(x.dtype)
-            return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, self.float_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         q, scale, zero_point = self._quantized_input(x)
-        if kernels.onednn_available(x.device):
+        if self.group_size is None and kernels.onednn_available(x.device):
             packed = self._cached_pack(lambda: kernels.prepack_linear(self.weight))
             out = kernels.linear_u8s8(q, scale, zero_point, packed, self.weight_scale, self.bias)
         else:
-            weight = kernels.dequantized_weight(self.weight, self.weight_scale)
-            out = F.linear(kernels.dequantized_input(q, scale, zero_point), weight, self.bias)
+            out = F.linear(kernels.dequantized_input(q, scale, zero_point), self.float_weight(), self.bias)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " + (
-            self._bits_repr()
+        group = "" if self.group_size is None else f", group_size={self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            + self._bits_repr()
+            + group
         )
 
 

@@ -30,7 +30,12 @@ class _QATBase(nn.Module):
     fake_quant_enabled: torch.Tensor
 
     def _init_quantization(
-        self, weight: nn.Parameter, bias: nn.Parameter | None, weight_spec: QuantSpec, activation_spec: QuantSpec | None
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        weight_spec: QuantSpec,
+        activation_spec: QuantSpec | None,
+        group_size: int | None = None,
     ) -> None:
         if not isinstance(weight_spec, QuantSpec):
             raise TypeError(f"`weight_spec` must be a QuantSpec, got {type(weight_spec).__name__}.")
@@ -45,6 +50,10 @@ class _QATBase(nn.Module):
         self.activation_spec = activation_spec
         shape = full_shape(weight)
         channels = shape[weight_spec.channel_axis] if weight_spec.per_channel else None
+        if group_size is not None:
+            check_group_size(group_size, shape, weight_spec)
+            channels = shape.numel() // group_size
+        self.group_size = group_size
         self.weight_observer = MinMaxObserver(weight_spec, channels)
         self.input_observer = MovingAverageObserver(activation_spec) if activation_spec is not None else None
         self.register_buffer("fake_quant_enabled", torch.tensor(False))
@@ -59,12 +68,18 @@ class _QATBase(nn.Module):
             if observer is not None:
                 observer.set_enabled(enabled)
 
+    def grouped(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as its observer sees it: ``[out, in]``, or ``[out * in / group_size, group_size]`` when grouped
+        (each row of the view is one group of consecutive input weights, with its own scale)."""
+        return weight if self.group_size is None else weight.reshape(-1, self.group_size)
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as forward uses it: observed (in training mode only), then fake-quantized when enabled."""
+        view = self.grouped(self.weight)
         if self.training:
-            self.weight_observer(self.weight)
-        fake = fake_quantize(self.weight, *self.weight_observer.calculate_qparams(), self.weight_spec)
-        return torch.where(self.fake_quant_enabled, fake, self.weight)
+            self.weight_observer(view)
+        fake = fake_quantize(view, *self.weight_observer.calculate_qparams(), self.weight_spec)
+        return torch.where(self.fake_quant_enabled, fake.reshape(self.weight.shape), self.weight)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as forward uses it: unchanged without an activation spec, else observed and fake-quantized."""
@@ -96,7 +111,8 @@ class _QATBase(nn.Module):
 
 
 class QATLinear(_QATBase):
-    """``nn.Linear`` with fake-quantized weight (per output channel) and optionally input (per tensor)."""
+    """``nn.Linear`` with fake-quantized weight (per output channel, or per group of ``group_size`` consecutive input
+    weights) and optionally input (per tensor)."""
 
     def __init__(
         self,
@@ -104,19 +120,24 @@ class QATLinear(_QATBase):
         bias: nn.Parameter | None,
         weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
         activation_spec: QuantSpec | None = None,
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = full_shape(weight)
-        self._init_quantization(weight, bias, weight_spec, activation_spec)
+        self._init_quantization(weight, bias, weight_spec, activation_spec, group_size)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC, activation_spec: QuantSpec | None = None
+        cls,
+        linear: nn.Linear,
+        weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
+        activation_spec: QuantSpec | None = None,
+        group_size: int | None = None,
     ) -> QATLinear:
         """A QAT layer that shares ``linear.weight`` and ``linear.bias`` (the same Parameter objects)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"`from_linear` takes an nn.Linear, got {type(linear).__name__}.")
-        return cls(linear.weight, linear.bias, weight_spec, activation_spec)
+        return cls(linear.weight, linear.bias, weight_spec, activation_spec, group_size)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's Parameters (no copy)."""
@@ -129,7 +150,21 @@ class QATLinear(_QATBase):
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        group = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{group}"
+
+
+def check_group_size(group_size: int, shape: torch.Size, weight_spec: QuantSpec) -> None:
+    """A group size must be a positive int that divides the input dimension of a per-channel ``[out, in]`` weight."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"`group_size` must be None or a positive int, got {group_size!r}.")
+    if len(shape) != 2 or not weight_spec.per_channel or weight_spec.channel_axis != 0:
+        raise ValueError("`group_size` applies to Linear weights quantized per output channel (channel_axis=0).")
+    if shape[1] % group_size:
+        raise ValueError(
+            f"`group_size`={group_size} does not divide the layer's {shape[1]} input features."
+            f" HINT: pick a divisor of {shape[1]}, or exclude this layer."
+        )
 
 
 class QATConv2d(_QATBase):

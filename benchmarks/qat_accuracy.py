@@ -1,0 +1,377 @@
+"""Int8 quantization-aware training: test accuracy of fp32, QAT (fake quant) and the converted int8 model.
+
+DOCSTRING-PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import QUIET, env_markdown, environment, set_threads, spread, write_results  # noqa: E402
+
+from lightning_compress import QuantizationAwareTraining  # noqa: E402
+
+CNN_CONFIGS = ("cnn_fp32", "cnn_qat")
+MINILM_CONFIGS = ("minilm_fp32", "minilm_qat", "minilm_qat_late", "minilm_torchao")
+CONFIGS = CNN_CONFIGS + MINILM_CONFIGS
+#: Fractions of the training steps at which our QAT starts fake quantization and freezes its observers.
+SCHEDULES = {
+    "cnn_qat": (0.12, 0.75),
+    "minilm_qat": (0.10, 0.80),
+    "minilm_qat_late": (0.50, 0.80),
+}
+
+
+class StepTimer:
+    """Wall time of each optimizer step: ``on_train_batch_start`` of the first callback to ``on_train_batch_end`` of
+    the last one, so forward, backward, optimizer step and every other callback's batch hooks are inside it."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+        timer = self
+
+        class _Begin(pl.Callback):
+            def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+                timer._t0 = time.perf_counter()
+
+        class _End(pl.Callback):
+            def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+                timer.times.append(time.perf_counter() - timer._t0)
+
+        self.begin, self.end = _Begin(), _End()
+
+    def wrap(self, callbacks: list[pl.Callback]) -> list[pl.Callback]:
+        return [self.begin, *callbacks, self.end]
+
+    def summary(self, skip: int) -> dict[str, Any]:
+        kept = [1000 * t for t in self.times[skip:]] or [1000 * t for t in self.times]
+        quartiles = statistics.quantiles(kept, n=4) if len(kept) > 1 else [kept[0]] * 3
+        return {
+            "skipped_first": skip,
+            "ms": {**spread(kept), "mean": statistics.fmean(kept), "q1": quartiles[0], "q3": quartiles[2]},
+        }
+
+
+class Progress(pl.Callback):
+    def __init__(self, config: str, every: int) -> None:
+        self.config, self.every, self.t0 = config, every, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every == 0:
+            loss = trainer.callback_metrics.get("train/loss")
+            print(
+                f"[{self.config}] step {trainer.global_step} at {time.perf_counter() - self.t0:.0f} s, "
+                f"train/loss {float(loss) if loss is not None else float('nan'):.3f}",
+                flush=True,
+            )
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that leaves a LightningModule's Trainer behind."""
+    trainer = model.__dict__.get("_trainer")
+    return copy.deepcopy(model, {} if trainer is None else {id(trainer): None})
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, limit: int | None) -> dict[str, Any]:
+    """Accuracy over the test loader (first ``limit`` examples if set), the predictions and the wall time."""
+    model.eval()
+    preds, targets, seen = [], [], 0
+    t0 = time.perf_counter()
+    for batch in loader:
+        logits, y = model.logits_and_targets(batch)
+        preds.append(logits.argmax(-1))
+        targets.append(y)
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            break
+    pred, target = torch.cat(preds), torch.cat(targets)
+    if limit is not None:
+        pred, target = pred[:limit], target[:limit]
+    return {
+        "acc": float((pred == target).float().mean()),
+        "n": len(target),
+        "eval_s": time.perf_counter() - t0,
+        "pred": pred,
+    }
+
+
+def agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return float((a["pred"] == b["pred"]).float().mean())
+
+
+def public(evaluation: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in evaluation.items() if k != "pred"}
+
+
+def qat_callback(config: str, total: int) -> tuple[QuantizationAwareTraining, dict[str, Any]]:
+    start_frac, freeze_frac = SCHEDULES[config]
+    start = round(start_frac * total)
+    freeze = max(start, round(freeze_frac * total))
+    schedule = {"weight_bits": 8, "activation_bits": 8, "start_step": start, "freeze_observers_step": freeze}
+    return QuantizationAwareTraining(**schedule), schedule
+
+
+def fit(
+    config: str, model: pl.LightningModule, data: Any, callbacks: list[pl.Callback], every: int, **trainer_args: Any
+) -> tuple[float, StepTimer]:
+    timer = StepTimer()
+    trainer = pl.Trainer(callbacks=timer.wrap([*callbacks, Progress(config, every)]), **trainer_args, **QUIET)
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    return time.perf_counter() - t0, timer
+
+
+# ----------------------------------------------------------------------------------------------- Fashion-MNIST CNN
+def run_cnn(config: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    from lightning_compress.data import FashionMNISTDataModule
+    from lightning_compress.models import ImageClassifier
+
+    set_threads(args["threads"])
+    data = FashionMNISTDataModule(batch_size=128, seed=args["seed"], limit_train=args["limit_train"])
+    data.setup("fit")
+    data.setup("test")
+    steps_per_epoch = math.ceil(len(data.train_set) / 128)
+    total = args["epochs"] * steps_per_epoch
+    pl.seed_everything(args["seed"], verbose=False)
+    model = ImageClassifier(image_size=28)
+    callbacks: list[pl.Callback] = []
+    result: dict[str, Any] = {"config": config, "model": "cnn", "steps": total, "steps_per_epoch": steps_per_epoch}
+    if config == "cnn_qat":
+        qat, result["schedule"] = qat_callback(config, total)
+        callbacks.append(qat)
+    fit_s, timer = fit(config, model, data, callbacks, every=steps_per_epoch, max_epochs=args["epochs"])
+    result.update(fit_s=fit_s, step_time=timer.summary(skip=min(20, total // 5)))
+    loader = data.test_dataloader()
+    trained = evaluate(model, loader, args["limit_test"])
+    result["test"] = public(trained)
+    if config == "cnn_qat":
+        int8 = evaluate(qat.int8_model, loader, args["limit_test"])
+        result["int8_test"] = {**public(int8), "agreement_with_qat": agreement(int8, trained)}
+    _report(result)
+    return [result]
+
+
+# ------------------------------------------------------------------------------------- Rotten Tomatoes, MiniLM
+def torchao_base_config() -> Any:
+    """torchao's PTQ config whose QAT prepare gives int8 symmetric per-channel weights and int8 asymmetric per-token
+    (dynamic) activations on every nn.Linear; its convert gives the matching int8 model."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis
+
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+
+
+def run_minilm(configs: list[str], args: dict[str, Any]) -> list[dict[str, Any]]:
+    """All MiniLM configurations in one process, one after another, on the same data order and seed, so their step
+    times are comparable (same process, same batches)."""
+    from lightning_compress.data import RottenTomatoesDataModule
+    from lightning_compress.models import MiniLMClassifier
+
+    set_threads(args["threads"])
+    data = RottenTomatoesDataModule(batch_size=32, seed=args["seed"])
+    data.setup("fit")
+    loader = data.test_dataloader()
+    total = args["steps"]
+    results = []
+    for config in configs:
+        pl.seed_everything(args["seed"], verbose=False)
+        model = MiniLMClassifier()
+        callbacks: list[pl.Callback] = []
+        result: dict[str, Any] = {"config": config, "model": "minilm", "steps": total}
+        if config in SCHEDULES:
+            qat, result["schedule"] = qat_callback(config, total)
+            callbacks.append(qat)
+        elif config == "minilm_torchao":
+            from torchao.quantization import quantize_
+            from torchao.quantization.qat import QATConfig
+
+            quantize_(model, QATConfig(torchao_base_config(), step="prepare"))
+            result["schedule"] = {
+                "torchao": "QATConfig(Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))), prepare at step 0",
+                "weights": "int8 symmetric per channel",
+                "activations": "int8 asymmetric per token, dynamic",
+            }
+        pl.seed_everything(args["seed"], verbose=False)  # same dropout masks in every configuration
+        fit_s, timer = fit(config, model, data, callbacks, every=25, max_steps=total)
+        result.update(fit_s=fit_s, step_time=timer.summary(skip=min(10, total // 5)))
+        trained = evaluate(model, loader, args["limit_test"])
+        result["test"] = public(trained)
+        if config in SCHEDULES:
+            int8 = evaluate(qat.int8_model, loader, args["limit_test"])
+            result["int8_test"] = {**public(int8), "agreement_with_qat": agreement(int8, trained)}
+        elif config == "minilm_torchao":
+            from torchao.quantization import quantize_
+            from torchao.quantization.qat import QATConfig
+
+            converted = detached_copy(model)
+            quantize_(converted, QATConfig(torchao_base_config(), step="convert"))
+            int8 = evaluate(converted, loader, args["limit_test"])
+            result["int8_test"] = {**public(int8), "agreement_with_qat": agreement(int8, trained)}
+        _report(result)
+        results.append(result)
+        if config == "minilm_fp32":  # the post-training baseline, from this very fp32 model
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ptq = torch.ao.quantization.quantize_dynamic(detached_copy(model), {nn.Linear}, dtype=torch.qint8)
+            evaluation = evaluate(ptq, loader, args["limit_test"])
+            ptq_result = {
+                "config": "minilm_ptq_dynamic",
+                "model": "minilm",
+                "steps": total,
+                "schedule": {"from": "minilm_fp32", "api": "torch.ao.quantization.quantize_dynamic (deprecated)"},
+                "int8_test": {**public(evaluation), "agreement_with_fp32": agreement(evaluation, trained)},
+            }
+            _report(ptq_result)
+            results.append(ptq_result)
+        del model, callbacks
+    return results
+
+
+def _report(r: dict[str, Any]) -> None:
+    parts = [f"[{r['config']}]"]
+    if "test" in r:
+        parts.append(f"test acc {100 * r['test']['acc']:.2f} %")
+    if "int8_test" in r:
+        parts.append(f"int8 acc {100 * r['int8_test']['acc']:.2f} %")
+    if "step_time" in r:
+        parts.append(f"step median {r['step_time']['ms']['median']:.1f} ms, fit {r['fit_s']:.0f} s")
+    print(", ".join(parts), flush=True)
+
+
+def run_group(kind: str, configs: list[str], args: dict[str, Any]) -> list[dict[str, Any]]:
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if kind == "minilm":
+        return run_minilm(configs, args)
+    return run_cnn(configs[0], args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS[:2] + ("minilm_fp32", "minilm_qat", "minilm_torchao")))
+    parser.add_argument("--epochs", type=int, default=4, help="Fashion-MNIST epochs")
+    parser.add_argument("--steps", type=int, default=150, help="MiniLM fine-tuning steps (batch 32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="processes at once (each CNN config / all MiniLM configs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--limit-train", type=int, default=None, help="cut the Fashion-MNIST training set (smoke)")
+    parser.add_argument("--limit-test", type=int, default=None, help="test on the first N test examples (smoke)")
+    parser.add_argument("--name", default="qat_accuracy", help="results file stem under benchmarks/results/")
+    args = parser.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    if unknown := set(configs) - set(CONFIGS):
+        parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
+    set_threads(args.threads)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    settings = vars(args)
+    minilm = [c for c in configs if c in MINILM_CONFIGS]
+    groups = ([("minilm", minilm)] if minilm else []) + [("cnn", [c]) for c in configs if c in CNN_CONFIGS]
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        with mp.get_context("spawn").Pool(min(args.jobs, len(groups))) as pool:
+            grouped = pool.starmap(run_group, [(kind, cs, settings) for kind, cs in groups])
+    else:
+        grouped = [run_group(kind, cs, settings) for kind, cs in groups]
+    wall_s = time.perf_counter() - t0
+    results = [r for group in grouped for r in group]
+    order = {c: i for i, c in enumerate(CONFIGS[:3] + ("minilm_ptq_dynamic",) + CONFIGS[3:])}
+    results.sort(key=lambda r: order[r["config"]])
+    _compare(results)
+    env = environment(args.threads)
+    payload = {
+        "benchmark": "qat_accuracy",
+        "command": command,
+        "environment": env,
+        "settings": settings,
+        "wall_s": wall_s,
+        "results": {r["config"]: r for r in results},
+    }
+    md = _markdown(results, env, command, args, wall_s)
+    json_path, md_path = write_results(args.name, payload, md)
+    print(md)
+    print(f"wrote {json_path} and {md_path}")
+
+
+def _compare(results: list[dict[str, Any]]) -> None:
+    """Points below the same model's fp32 run, and step-time ratios against it."""
+    fp32 = {r["model"]: r for r in results if r["config"].endswith("_fp32")}
+    for r in results:
+        base = fp32.get(r["model"])
+        if base is None or r is base:
+            continue
+        for key in ("test", "int8_test"):
+            if key in r:
+                r[key]["drop_vs_fp32_points"] = 100 * (base["test"]["acc"] - r[key]["acc"])
+        if "step_time" in r:
+            mine, theirs = r["step_time"]["ms"], base["step_time"]["ms"]
+            r["step_time"]["ratio_of_medians_vs_fp32"] = mine["median"] / theirs["median"]
+            r["step_time"]["ratio_of_means_vs_fp32"] = mine["mean"] / theirs["mean"]
+
+
+def _markdown(results: list[dict[str, Any]], env: dict[str, Any], command: str, args: Any, wall_s: float) -> str:
+    lines = [
+        "# Int8 QAT: test accuracy of fp32, QAT (fake quant) and the converted int8 model",
+        "",
+        env_markdown(env, command).rstrip(),
+        f"- seed {args.seed}; Fashion-MNIST: reference CNN, {args.epochs} epochs, batch 128, Adam 1e-3, 10k test images"
+        f"; Rotten Tomatoes: MiniLMClassifier, {args.steps} steps, batch 32, AdamW 2e-5, 2,000 held-out snippets"
+        f"{'' if args.limit_test is None else f' (test cut to {args.limit_test})'}"
+        f"{'' if args.limit_train is None else f', Fashion-MNIST training set cut to {args.limit_train}'}"
+        f"; wall time {wall_s / 60:.1f} min with --jobs {args.jobs}",
+        "- step time: `on_train_batch_start` -> `on_train_batch_end` per optimizer step, first steps skipped; the"
+        " MiniLM configurations ran one after another in one process on the same batches, each CNN"
+        " configuration in its own process",
+        "",
+        "| configuration | trained model acc % (fp32 / fake-quant eval) | int8 model acc % | int8 vs fp32 (points) "
+        "| int8 agrees with trained | step ms median [q1-q3] | step time vs fp32 (medians / means) | fit min "
+        "| schedule |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        test, int8, st = r.get("test"), r.get("int8_test"), r.get("step_time")
+        agree = None if int8 is None else int8.get("agreement_with_qat", int8.get("agreement_with_fp32"))
+        ratio = "-"
+        if st is not None and "ratio_of_medians_vs_fp32" in st:
+            ratio = f"{st['ratio_of_medians_vs_fp32']:.3f}x / {st['ratio_of_means_vs_fp32']:.3f}x"
+        elif st is not None:
+            ratio = "1"
+        sched = r.get("schedule")
+        drop = None if int8 is None else int8.get("drop_vs_fp32_points")
+        cells = [
+            r["config"],
+            "-" if test is None else f"{100 * test['acc']:.2f}",
+            "-" if int8 is None else f"{100 * int8['acc']:.2f}",
+            "-" if drop is None else f"{-drop:+.2f}",
+            "-" if agree is None else f"{100 * agree:.2f} %",
+            "-" if st is None else f"{st['ms']['median']:.1f} [{st['ms']['q1']:.1f}-{st['ms']['q3']:.1f}]",
+            ratio,
+            "-" if st is None else f"{r['fit_s'] / 60:.1f}",
+            ", ".join(f"{k}={v}" for k, v in sched.items()) if sched else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Int8 vs fp32 is the int8 model's accuracy minus the same model's fp32 run (negative = lower). For the fp32"
+        " rows the int8 column is empty; `minilm_ptq_dynamic` is the fp32 MiniLM after dynamic int8 post-training"
+        " quantization.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
