@@ -1,8 +1,9 @@
 """Int8 inference speed of converted models against fp32 (and torchao), and the QAT training-step overhead.
 
-Committed results (benchmarks/results/int8_speed.{json,md}) came from:
+Committed results (benchmarks/results/int8_speed.{json,md}, and int8_speed_2threads.{json,md}) came from:
 
-    .venv/bin/python benchmarks/int8_speed.py --rounds 8 --threads 1,2
+    .venv/bin/python benchmarks/int8_speed.py --rounds 8
+    .venv/bin/python benchmarks/int8_speed.py --rounds 4 --threads 2 --train-models '' --name int8_speed_2threads
 
 Part 1, inference latency (``torch.inference_mode``, eval mode, one forward of one batch per call):
 - models: ``mlp`` = 4 x Linear(1024, 1024) with ReLU between them, batch 64 (random normal inputs);
@@ -85,7 +86,9 @@ TRAIN_LABELS = {
 }
 INFER_LABELS = {"fp32": "fp32", "int8": "ours: convert_to_int8", "torchao": "torchao Int8DynamicActivationInt8Weight"}
 DEFAULT_ITERS = {"mlp": 40, "cnn": 12, "minilm": 4}
-DEFAULT_TRAIN_STEPS = {"mlp": 15, "cnn": 6, "minilm": 3}
+DEFAULT_TRAIN_STEPS = {"mlp": 15, "cnn": 6, "minilm": 2}
+DEFAULT_TRAIN_ROUNDS = {"mlp": 6, "cnn": 4, "minilm": 3}
+DEFAULT_WARMUP_STEPS = {"mlp": 3, "cnn": 2, "minilm": 1}
 TIMED_LAYERS = (nn.Linear, nn.Conv2d, Int8Linear, Int8Conv2d)
 
 
@@ -261,6 +264,27 @@ def kernel_use(int8_model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[
     }
 
 
+def per_layer_check(qmodel: nn.Module, int8_model: nn.Module, names: list[str], inputs: tuple) -> dict[str, Any]:
+    """Each int8 layer fed the very input its QAT layer saw: the worst max abs diff relative to the output's max."""
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    modules = dict(qmodel.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, (i[0], o))) for n in names]
+    try:
+        with torch.inference_mode():
+            qmodel(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    int8_modules = dict(int8_model.named_modules())
+    worst, worst_name = 0.0, ""
+    with torch.inference_mode():
+        for n, (x, y) in captured.items():
+            rel = float((int8_modules[n](x) - y).abs().max() / y.abs().max().clamp(min=1e-12))
+            if rel >= worst:
+                worst, worst_name = rel, n
+    return {"layers_checked": len(captured), "worst_rel_max_abs_diff": worst, "worst_layer": worst_name}
+
+
 def agreement(ref: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     ref, other = ref.float(), other.float()
     return {
@@ -342,6 +366,7 @@ def run_inference(bench: Bench, threads: list[int], args: argparse.Namespace) ->
         "fp32_vs_qat_eval": agreement(outs["fp32"], ref),
         "int8_vs_fp32": agreement(outs["fp32"], outs["int8"]),
     }
+    result["agreement"]["per_layer_int8_vs_qat"] = per_layer_check(qmodel, int8, list(layers), bench.inputs)
     if "torchao" in outs:
         result["agreement"]["torchao_vs_fp32"] = agreement(outs["fp32"], outs["torchao"])
     iters = args.iters or DEFAULT_ITERS[bench.name]
@@ -402,9 +427,11 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, bench: Bench) -> float:
 def run_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     configs = [c for c in TRAIN_CONFIGS if not (c == "torchao" and args.no_torchao)]
     steps = args.train_steps or DEFAULT_TRAIN_STEPS[bench.name]
+    n_rounds = args.train_rounds or DEFAULT_TRAIN_ROUNDS[bench.name]
+    warmup = args.warmup_steps or DEFAULT_WARMUP_STEPS[bench.name]
     rounds: list[dict[str, list[float]]] = []
     check: dict[str, float] = {}
-    for r in range(args.train_rounds):
+    for r in range(n_rounds):
         models = {c: _train_model(bench, c) for c in configs}
         if r == 0:  # one seeded forward each (same dropout masks): is the fake quantization really on?
             outs = {}
@@ -417,7 +444,7 @@ def run_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         order = configs[r % len(configs) :] + configs[: r % len(configs)]
         times: dict[str, list[float]] = {c: [] for c in configs}
         gc.collect()
-        for _ in range(args.warmup_steps):
+        for _ in range(warmup):
             for c in order:
                 _step(models[c], opts[c], bench)
         for _ in range(steps):
@@ -436,7 +463,7 @@ def run_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             summary[c]["ratio_vs_fp32"] = spread(
                 [statistics.median(rd[c]) / statistics.median(rd["fp32"]) for rd in rounds]
             )
-    return {"description": bench.description, "steps_per_round": steps, "warmup_steps": args.warmup_steps,
+    return {"description": bench.description, "steps_per_round": steps, "warmup_steps": warmup, "n_rounds": n_rounds,
             "output_rel_l2_vs_fp32": check, "summary": summary, "rounds": rounds}  # fmt: skip
 
 
@@ -451,9 +478,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="inference models")
     parser.add_argument("--share-iters", type=int, default=3, help="forwards timed with per-layer hooks")
     parser.add_argument("--train-models", default="mlp,minilm", help="training-step models ('' to skip)")
-    parser.add_argument("--train-rounds", type=int, default=4)
+    parser.add_argument("--train-rounds", type=int, default=0, help="training rounds (0: per-model default)")
     parser.add_argument("--train-steps", type=int, default=0, help="timed steps per config per round (0: default)")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per config per round")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="untimed steps per config per round (0: default)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--no-torchao", action="store_true", help="skip the torchao references")
     parser.add_argument("--name", default="int8_speed", help="results file stem under benchmarks/results/")
@@ -526,7 +553,7 @@ def _markdown(inference: dict[str, Any], training: dict[str, Any], env: dict[str
             "| CPU speed-up (thread_time) | share of time in Linear/Conv layers |",
             "|---|---|---|---|---|---|---|",
         ]
-        for name, res in inference.items():
+        for res in inference.values():
             for t, block in res["by_threads"].items():
                 for variant, s in block["summary"].items():
                     speed = _fmt(s["speedup_vs_fp32"], 2, "x") if "speedup_vs_fp32" in s else "1 (reference)"
@@ -543,10 +570,10 @@ def _markdown(inference: dict[str, Any], training: dict[str, Any], env: dict[str
             "",
             "### Checks (one forward of the timed batch)",
             "",
-            "| model | data | int8 layers on oneDNN's integer kernel | int8 vs QAT eval: max abs diff (max abs) "
-            "/ rel L2 / argmax agree | fp32 vs QAT eval: rel L2 / argmax agree | torchao vs fp32: rel L2 / argmax "
-            "agree |",
-            "|---|---|---|---|---|---|",
+            "| model | data | int8 layers on oneDNN's integer kernel | per layer, int8 vs QAT on the same input: worst "
+            "max abs diff / max abs output | whole model, int8 vs QAT eval: max abs diff (max abs) / rel L2 / argmax "
+            "agree | fp32 vs QAT eval: rel L2 / argmax agree | torchao vs fp32: rel L2 / argmax agree |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, res in inference.items():
             k, a = res["kernels"], res["agreement"]
@@ -558,8 +585,10 @@ def _markdown(inference: dict[str, Any], training: dict[str, Any], env: dict[str
                 kern += " (oneDNN unavailable)"
             ta = a.get("torchao_vs_fp32")
             tao = f"{ta['rel_l2']:.4f} / {ta['argmax_agreement']:.1%}" if ta else res.get("torchao_error", "-")
+            pl_ = a["per_layer_int8_vs_qat"]
             lines.append(
-                f"| {name} | {res['data']} | {kern} | {iq['max_abs_diff']:.2e} ({iq['ref_max_abs']:.3g}) / "
+                f"| {name} | {res['data']} | {kern} | {pl_['worst_rel_max_abs_diff']:.1e} (`{pl_['worst_layer']}`) "
+                f"| {iq['max_abs_diff']:.2e} ({iq['ref_max_abs']:.3g}) / "
                 f"{iq['rel_l2']:.2e} / {iq['argmax_agreement']:.1%} | {fq['rel_l2']:.4f} / "
                 f"{fq['argmax_agreement']:.1%} | {tao} |"
             )
@@ -569,18 +598,19 @@ def _markdown(inference: dict[str, Any], training: dict[str, Any], env: dict[str
     if training:
         lines += [
             "",
-            f"## Training-step time (forward + backward + AdamW; {env['torch_threads']} thread; {args.train_rounds} "
-            "interleaved rounds, fresh models each round)",
+            f"## Training-step time (forward + backward + AdamW; {env['torch_threads']} thread; interleaved rounds, "
+            "fresh models each round)",
             "",
             "| model | configuration | step ms: median of per-round medians [min-max] "
             "| ratio vs fp32, per round: median [min-max] | output rel L2 vs fp32 (check) |",
             "|---|---|---|---|---|",
         ]
-        for name, res in training.items():
+        for res in training.values():
             for config, s in res["summary"].items():
                 ratio = _fmt(s["ratio_vs_fp32"], 3, "x") if "ratio_vs_fp32" in s else "1 (reference)"
                 lines.append(
-                    f"| {res['description']} ({res['steps_per_round']} steps/round) | {TRAIN_LABELS[config]} "
+                    f"| {res['description']} ({res['n_rounds']} rounds x {res['steps_per_round']} steps) "
+                    f"| {TRAIN_LABELS[config]} "
                     f"| {_fmt(s['median_of_medians_ms'])} | {ratio} | {res['output_rel_l2_vs_fp32'][config]:.4f} |"
                 )
     return "\n".join(lines) + "\n"

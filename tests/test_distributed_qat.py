@@ -171,6 +171,6 @@ def checkpoint_module_state(path: Path) -> dict[str, torch.Tensor]:
     """The module state (weights and buffers) a Lightning checkpoint file holds, or, for a DeepSpeed checkpoint folder,
     the buffers its model-states file holds (the weights there are ZeRO partitions)."""
     if path.is_dir():
-        states = next(path.rglob("mp_rank_00_model_states.pt"))
+        states = sorted(path.rglob("*mp_rank_00_model_states.pt"))[0]  # ZeRO-3 writes one per rank, ZeRO-1/2 one
         return torch.load(states, map_location="cpu", weights_only=False)["module"]
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]

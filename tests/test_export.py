@@ -328,7 +328,9 @@ def test_a_new_codec_is_one_registered_class(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_codec_errors_are_clear() -> None:
-    with pytest.raises(PackingError, match=r"unknown codec 'zstd'; known codecs: \['bitmask', 'bitmask_int4', 'dense', 'int4'\]"):
+    with pytest.raises(
+        PackingError, match=r"unknown codec 'zstd'; known codecs: \['bitmask', 'bitmask_int4', 'dense', 'int4'\]"
+    ):
         pack(torch.zeros(3), "zstd")
     parts, entry = pack(torch.tensor([0.0, 1.0, 2.0]), "bitmask")
     with pytest.raises(PackingError, match=r"part `values` is float32\[1\], expected float32\[2\]"):

@@ -97,13 +97,18 @@ def test_pruned_weights_stay_exactly_zero_after_fake_quantization(quiet_trainer_
             assert torch.count_nonzero(layer.quantized_weight()[pruned]) == 0
 
 
+@pytest.mark.parametrize("learnable_scales", [False, True], ids=["observed", "lsq"])
 def test_resume_from_the_last_batch_of_an_epoch_is_bitwise_exact(
-    tmp_path: Path, quiet_trainer_kwargs: dict[str, Any]
+    tmp_path: Path, quiet_trainer_kwargs: dict[str, Any], learnable_scales: bool
 ) -> None:
+    """Also with learnable scales: the checkpoint (step 19, after start_step) carries them, and the resumed run must
+    not start them again from the observers."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     def qat() -> QuantizationAwareTraining:
-        return QuantizationAwareTraining(weight_bits=4, activation_bits=8, start_step=10, freeze_observers_step=30)
+        return QuantizationAwareTraining(
+            weight_bits=4, activation_bits=8, start_step=10, freeze_observers_step=30, learnable_scales=learnable_scales
+        )
 
     quiet = {**quiet_trainer_kwargs, "enable_checkpointing": True}
     saver = ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=19, save_top_k=-1)
@@ -118,9 +123,41 @@ def test_resume_from_the_last_batch_of_an_epoch_is_bitwise_exact(
         assert torch.equal(got[key], tensor), key
 
 
+class Scales(Callback):
+    """Records, before every step's forward, net.fc1's learnable weight scale and its observer's scale."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        layer = pl_module.net.fc1
+        observed = layer.weight_observer.calculate_qparams()[0]
+        self.rows.append((trainer.global_step, layer.weight_scale.detach().clone(), observed))
+
+
+def test_learnable_scales_start_from_the_observers_then_learn(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    """LSQ: scales are Parameters untouched before start_step, equal to the observed scales at start_step, then
+    moved by their gradients; the int8 model converts with the learned scales and still classifies digits."""
+    scales = Scales()
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, start_step=10, learnable_scales=True)
+    model = fit(quiet_trainer_kwargs, [qat, scales], max_steps=-1, max_epochs=3)
+    assert "net.fc1.weight_scale" in dict(model.named_parameters())
+    before = [scale for step, scale, _ in scales.rows if step < 10]
+    assert before and all(torch.equal(scale, torch.ones_like(scale)) for scale in before)
+    (step, at_start, observed) = scales.rows[10]
+    assert step == 10 and torch.equal(at_start, observed)
+    last_learned, last_observed = scales.rows[-1][1], scales.rows[-1][2]
+    assert (last_learned - last_observed).abs().max() > 1e-3 * last_observed.max()
+    int8 = qat.int8_model
+    torch.testing.assert_close(int8.net.fc1.weight_scale, model.net.fc1.weight_scale.detach().clamp(min=1e-7))
+    (metrics,) = pl.Trainer(**quiet_trainer_kwargs).validate(int8, datamodule=DigitsDataModule(), verbose=False)
+    assert metrics["val/acc"] > 0.85
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"learnable_scales": 1}, r"`learnable_scales` must be True or False; got 1"),
         ({"weight_bits": 1}, r"`weight_bits` must be an integer from 2 to 8; got 1"),
         ({"weight_bits": 16}, r"`weight_bits` must be an integer from 2 to 8; got 16"),
         ({"weight_bits": "8"}, r"`weight_bits` must be an integer from 2 to 8; got '8'"),

@@ -47,6 +47,8 @@ class QuantizationAwareTraining(Callback):
         weight_group_size: Linear weights get one scale per group of this many consecutive input weights instead of
             one per output channel (finer ranges, for 4-bit weights); it must divide each Linear's input features.
             Grouped layers convert to int8 weights that compute in float (no integer kernel takes group scales).
+        learnable_scales: LSQ (Esser et al., 2020): the weight and input scales become Parameters that start from the
+            observers' values at ``start_step`` and then learn with the model (keep them out of weight decay).
         export_path: where to write the int8 model with ``save_compressed`` at the end of ``fit`` (rank 0). An
             existing file is refused before training starts; nothing is overwritten.
     """
@@ -63,6 +65,7 @@ class QuantizationAwareTraining(Callback):
         convert_at_fit_end: bool = True,
         export_path: str | None = None,
         weight_group_size: int | None = None,
+        learnable_scales: bool = False,
     ) -> None:
         _check_bits("weight_bits", weight_bits, allow_none=False)
         _check_bits("activation_bits", activation_bits, allow_none=True)
@@ -94,6 +97,9 @@ class QuantizationAwareTraining(Callback):
                 f" {weight_group_size!r}. HINT: 32, 64 or 128 are usual."
             )
         self.weight_group_size = weight_group_size
+        if not isinstance(learnable_scales, bool):
+            raise ValueError(f"`learnable_scales` must be True or False; got {learnable_scales!r}.")
+        self.learnable_scales = learnable_scales
         self.convert_at_fit_end = convert_at_fit_end
         self.export_path = None if export_path is None else Path(os.fspath(export_path))
         self.int8_model: nn.Module | None = None
@@ -143,10 +149,12 @@ class QuantizationAwareTraining(Callback):
     def swap(self, module: nn.Module) -> _QATBase:
         """The QAT layer that replaces ``module`` (sharing its Parameters). Override to support more layer types."""
         if isinstance(module, nn.Conv2d):
-            return QATConv2d.from_conv(module, self.weight_spec, self.activation_spec)
+            return QATConv2d.from_conv(module, self.weight_spec, self.activation_spec, self.learnable_scales)
         if isinstance(module, nn.Conv1d):
-            return QATConv1d.from_conv(module, self.weight_spec, self.activation_spec)
-        return QATLinear.from_linear(module, self.weight_spec, self.activation_spec, self.weight_group_size)
+            return QATConv1d.from_conv(module, self.weight_spec, self.activation_spec, self.learnable_scales)
+        return QATLinear.from_linear(
+            module, self.weight_spec, self.activation_spec, self.weight_group_size, self.learnable_scales
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,9 +204,18 @@ class QuantizationAwareTraining(Callback):
             layer.enable_fake_quant(fake_quant)
             layer.enable_observers(observing)
         if fake_quant and (self._applied is None or not self._applied[0]):  # also after a resume: a fact of this run
+            self._start_learnable_scales()
             detail = {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits}
             events.publish(trainer, events.CompressionEvent(step, self.state_key, "quantize", detail))
         self._applied = (fake_quant, observing, bn_frozen)
+
+    def _start_learnable_scales(self) -> None:
+        """LSQ: scales not yet started (not after a resume) take the observers' values, in the module and in
+        DeepSpeed's fp32 master copy alike; every rank holds the same observer values, so the same scales."""
+        pending = [layer for layer in self.layers.values() if layer.learnable_scales and not layer.scales_initialized]
+        pairs = [pair for layer in pending for pair in layer.scales_from_observers()]
+        if pairs:
+            distributed.write_full_([param for param, _ in pairs], [value for _, value in pairs])
 
 
 def _check_bits(name: str, value: Any, allow_none: bool) -> None:

@@ -75,4 +75,7 @@ def _detached_copy(model: nn.Module) -> nn.Module:
     trainer = model.__dict__.get("_trainer")
     if trainer is not None:
         memo[id(trainer)] = None
-    return copy.deepcopy(model, memo)
+    clone = copy.deepcopy(model, memo)
+    if "_metric_attributes" in clone.__dict__:  # Lightning's cache maps id(metric) -> name: the ids are the old ones
+        clone.__dict__["_metric_attributes"] = None
+    return clone

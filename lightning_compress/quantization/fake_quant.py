@@ -87,6 +87,30 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def learnable_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, grad_factor: float
+) -> torch.Tensor:
+    """Fake quantization whose ``scale`` (a Parameter) learns too: LSQ (Esser et al., 2020), with the gradient of the
+    scale multiplied by ``grad_factor`` (LSQ uses ``1 / sqrt(elements per scale * qmax)``). Same forward values as
+    :func:`fake_quantize` for the same scale; ``zero_point`` is a float tensor and is not learned."""
+    qmin, qmax = qrange(spec)
+    values = x if x.dtype == torch.float32 else x.float()
+    scale = scale.to(device=x.device, dtype=torch.float32).clamp(min=EPS)
+    zero_point = zero_point.to(device=x.device, dtype=torch.float32)
+    if spec.per_channel:
+        axis = spec.channel_axis % x.dim()
+        scale = scale.reshape(-1)
+        zero_point = zero_point.reshape(-1).expand(scale.numel()).contiguous()
+        out = torch._fake_quantize_learnable_per_channel_affine(
+            values, scale, zero_point, axis, qmin, qmax, grad_factor
+        )
+    else:
+        out = torch._fake_quantize_learnable_per_tensor_affine(
+            values, scale.reshape(1), zero_point.reshape(1), qmin, qmax, grad_factor
+        )
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer values of ``x``: int8 for symmetric specs, uint8 for asymmetric ones."""
     qmin, qmax = qrange(spec)

@@ -52,7 +52,7 @@ class _Int8Base(nn.Module):
 
     def _load_from_qat(self, layer: nn.Module) -> None:
         """Copy the integers and scales the QAT ``layer`` trained (its observers' ranges) into this layer."""
-        scale, zero_point = layer.weight_observer.calculate_qparams()
+        scale, zero_point = layer.weight_qparams()
         with torch.no_grad():
             grouped = layer.grouped(layer.weight.detach())
             self.weight.copy_(quantize(grouped, scale, zero_point, self.weight_spec).reshape(self.weight.shape))
@@ -60,7 +60,7 @@ class _Int8Base(nn.Module):
             if self.bias is not None:
                 self.bias.copy_(layer.bias.detach())
             if self.activation_spec is not None:
-                input_scale, input_zero_point = layer.input_observer.calculate_qparams()
+                input_scale, input_zero_point = layer.input_qparams()
                 self.input_scale.copy_(input_scale)
                 self.input_zero_point.copy_(input_zero_point)
 

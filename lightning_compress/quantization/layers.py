@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_compress.distributed import full_shape, gathered
 from lightning_compress.protocol import LayerFigures
-from lightning_compress.quantization.fake_quant import QuantSpec, fake_quantize
+from lightning_compress.quantization.fake_quant import EPS, QuantSpec, fake_quantize, learnable_fake_quantize, qrange
 from lightning_compress.quantization.observers import MinMaxObserver, MovingAverageObserver
 
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True, per_channel=True, channel_axis=0)
@@ -36,6 +36,7 @@ class _QATBase(nn.Module):
         weight_spec: QuantSpec,
         activation_spec: QuantSpec | None,
         group_size: int | None = None,
+        learnable_scales: bool = False,
     ) -> None:
         if not isinstance(weight_spec, QuantSpec):
             raise TypeError(f"`weight_spec` must be a QuantSpec, got {type(weight_spec).__name__}.")
@@ -57,6 +58,13 @@ class _QATBase(nn.Module):
         self.weight_observer = MinMaxObserver(weight_spec, channels)
         self.input_observer = MovingAverageObserver(activation_spec) if activation_spec is not None else None
         self.register_buffer("fake_quant_enabled", torch.tensor(False))
+        self.learnable_scales = bool(learnable_scales)
+        if self.learnable_scales:  # LSQ: the scales are Parameters, set from the observers when quantization starts
+            self.weight_scale = nn.Parameter(torch.ones(channels or 1))
+            self.register_buffer("scales_initialized", torch.tensor(False))
+            if activation_spec is not None:
+                self.input_scale = nn.Parameter(torch.ones(1))
+                self.register_buffer("input_zero_point", torch.zeros(1))
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
         """Quantize in forward (True) or only observe (False)."""
@@ -73,12 +81,41 @@ class _QATBase(nn.Module):
         (each row of the view is one group of consecutive input weights, with its own scale)."""
         return weight if self.group_size is None else weight.reshape(-1, self.group_size)
 
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` of the weight: the learned scales (LSQ) or the weight observer's."""
+        if self.learnable_scales:
+            scale = self.weight_scale.detach().clamp(min=EPS)
+            return scale, torch.zeros_like(scale, dtype=torch.int32)
+        return self.weight_observer.calculate_qparams()
+
+    def input_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` of the input: the learned scale (LSQ) or the input observer's."""
+        if self.learnable_scales:
+            scale = self.input_scale.detach().clamp(min=EPS).reshape(())
+            return scale, self.input_zero_point.reshape(()).to(torch.int32)
+        return self.input_observer.calculate_qparams()
+
+    def scales_from_observers(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """LSQ: each learnable scale with the observer's value it starts from; sets the input zero point too."""
+        pairs = [(self.weight_scale, self.weight_observer.calculate_qparams()[0].reshape(-1))]
+        if self.input_observer is not None:
+            scale, zero_point = self.input_observer.calculate_qparams()
+            pairs.append((self.input_scale, scale.reshape(1)))
+            self.input_zero_point.copy_(zero_point.reshape(1).float())
+        self.scales_initialized.fill_(True)
+        return pairs
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as forward uses it: observed (in training mode only), then fake-quantized when enabled."""
         view = self.grouped(self.weight)
         if self.training:
             self.weight_observer(view)
-        fake = fake_quantize(view, *self.weight_observer.calculate_qparams(), self.weight_spec)
+        if self.learnable_scales:
+            _, qmax = qrange(self.weight_spec)
+            factor = (view.numel() / self.weight_scale.numel() * qmax) ** -0.5
+            fake = learnable_fake_quantize(view, self.weight_scale, torch.zeros(1), self.weight_spec, factor)
+        else:
+            fake = fake_quantize(view, *self.weight_observer.calculate_qparams(), self.weight_spec)
         return torch.where(self.fake_quant_enabled, fake.reshape(self.weight.shape), self.weight)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +124,13 @@ class _QATBase(nn.Module):
             return x
         if self.training:  # ranges come from training batches: validation and inference never move them
             self.input_observer(x)
-        fake = fake_quantize(x, *self.input_observer.calculate_qparams(), self.activation_spec)
+        if self.learnable_scales:
+            _, qmax = qrange(self.activation_spec)
+            factor = (max(1, x[0].numel() if x.dim() > 1 else x.numel()) * qmax) ** -0.5
+            zero = self.input_zero_point.expand(1)
+            fake = learnable_fake_quantize(x, self.input_scale, zero, self.activation_spec, factor)
+        else:
+            fake = fake_quantize(x, *self.input_observer.calculate_qparams(), self.activation_spec)
         return torch.where(self.fake_quant_enabled, fake, x)
 
     def compression_figures(self) -> LayerFigures:
@@ -121,10 +164,11 @@ class QATLinear(_QATBase):
         weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
         activation_spec: QuantSpec | None = None,
         group_size: int | None = None,
+        learnable_scales: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = full_shape(weight)
-        self._init_quantization(weight, bias, weight_spec, activation_spec, group_size)
+        self._init_quantization(weight, bias, weight_spec, activation_spec, group_size, learnable_scales)
 
     @classmethod
     def from_linear(
@@ -133,11 +177,12 @@ class QATLinear(_QATBase):
         weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
         activation_spec: QuantSpec | None = None,
         group_size: int | None = None,
+        learnable_scales: bool = False,
     ) -> QATLinear:
         """A QAT layer that shares ``linear.weight`` and ``linear.bias`` (the same Parameter objects)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"`from_linear` takes an nn.Linear, got {type(linear).__name__}.")
-        return cls(linear.weight, linear.bias, weight_spec, activation_spec, group_size)
+        return cls(linear.weight, linear.bias, weight_spec, activation_spec, group_size, learnable_scales)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's Parameters (no copy)."""
@@ -182,17 +227,22 @@ class QATConv2d(_QATBase):
         groups: int,
         weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
         activation_spec: QuantSpec | None = None,
+        learnable_scales: bool = False,
     ) -> None:
         super().__init__()
         out_channels, in_per_group, *kernel = full_shape(weight)
         self.in_channels, self.out_channels = in_per_group * groups, out_channels
         self.kernel_size = tuple(kernel)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self._init_quantization(weight, bias, weight_spec, activation_spec)
+        self._init_quantization(weight, bias, weight_spec, activation_spec, learnable_scales=learnable_scales)
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Module, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC, activation_spec: QuantSpec | None = None
+        cls,
+        conv: nn.Module,
+        weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
+        activation_spec: QuantSpec | None = None,
+        learnable_scales: bool = False,
     ) -> QATConv2d:
         """A QAT layer that shares ``conv.weight`` and ``conv.bias`` and keeps its stride/padding/dilation/groups."""
         if not isinstance(conv, cls.float_type):
@@ -203,8 +253,9 @@ class QATConv2d(_QATBase):
                 " HINT: exclude this layer from quantization."
             )
         return cls(
-            conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, weight_spec, activation_spec
-        )
+            conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, weight_spec, activation_spec,
+            learnable_scales,
+        )  # fmt: skip
 
     from_conv2d = from_conv
 

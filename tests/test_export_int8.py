@@ -1,0 +1,506 @@
+"""save_compressed / load_compressed for int8 models (``convert_to_int8``), and the integer codecs behind them.
+
+What the tests pin down:
+- a pruned, QAT-trained, converted ImageClassifier saves to one file that loads *without a skeleton* (the manifest
+  records each int8 layer's class and constructor arguments) and computes bit for bit what the converted model does;
+- its int8 weights are stored packed: pruned weights are integer zeros in a bit mask (1 bit per element + 1 byte per
+  non-zero), 4-bit weights as nibbles (half a byte per element), so the file is a fraction of the float sparse export;
+- a forged module record (unknown name, bad arguments, untrusted class) is a clear ``CompressedFileError`` naming the
+  file and the module, and nothing is imported or loaded;
+- the ``int4`` and ``bitmask_int4`` codecs round-trip every value they accept exactly and count their bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lightning_compress import QuantizationAwareTraining, convert_to_int8
+from lightning_compress.export import CompressedFileError, encode_metadata, load_compressed, save_compressed
+from lightning_compress.models import ImageClassifier
+from lightning_compress.packing import CODECS, PackingError, choose_codec, pack, packed_nbytes, unpack
+from lightning_compress.quantization import Int8Conv2d, Int8Linear
+
+INT8_LAYERS = {"net.conv1": Int8Conv2d, "net.conv2": Int8Conv2d, "net.fc1": Int8Linear, "net.fc2": Int8Linear}
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def pruned_classifier(sparsity: float, seed: int = 0) -> ImageClassifier:
+    """The reference CNN (421,642 parameters) with ``sparsity`` of every weight zeroed by magnitude, as pruning does
+    (multiplying by a mask); biases kept."""
+    torch.manual_seed(seed)
+    model = ImageClassifier(image_size=28)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and sparsity > 0:
+                keep = param.numel() - int(sparsity * param.numel())
+                threshold = param.abs().flatten().topk(keep).values.min()
+                param.mul_(param.abs() >= threshold)
+    return model
+
+
+def qat_int8(model: nn.Module, weight_bits: int = 8, seed: int = 0) -> nn.Module:
+    """``model`` prepared for QAT (weights ``weight_bits``, activations 8 bits), calibrated on a few training-mode
+    batches, fake quantization on, then converted to int8 (a copy; ``model`` keeps its QAT layers)."""
+    layers = QuantizationAwareTraining(weight_bits=weight_bits, activation_bits=8).prepare(model)
+    assert set(layers) == set(INT8_LAYERS)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 1, 28, 28, generator=generator))
+    for layer in layers.values():
+        layer.enable_fake_quant()
+    return convert_to_int8(model)
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_state_bit_equal(actual: nn.Module, expected: nn.Module) -> None:
+    got, want = actual.state_dict(), expected.state_dict()
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(bits(got[name]), bits(tensor)), name
+
+
+def header_size(path: Path) -> int:
+    with open(path, "rb") as file:
+        return 8 + struct.unpack("<Q", file.read(8))[0]
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    with safe_open(path, framework="pt") as file:
+        return json.loads(file.metadata()["lightning_compress"])
+
+
+def rewrite(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite the file's manifest as a forger would (re-signed, so only our own checks can catch the edit)."""
+    with safe_open(path, framework="pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+        manifest = json.loads(file.metadata()["lightning_compress"])
+    edit(manifest)
+    safetensors.torch.save_file(tensors, path, metadata=encode_metadata(manifest))
+
+
+@pytest.fixture
+def no_state_is_loaded(monkeypatch: pytest.MonkeyPatch) -> list[nn.Module]:
+    """Records every ``load_state_dict`` call: a refused file must not reach one."""
+    calls: list[nn.Module] = []
+    original = nn.Module.load_state_dict
+
+    def spy(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "load_state_dict", spy)
+    return calls
+
+
+BATCH = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def sparse_models() -> tuple[ImageClassifier, nn.Module]:
+    """(the 90 %-pruned float model, its int8 conversion after 8-bit QAT)."""
+    float_model = pruned_classifier(0.9)
+    reference = pruned_classifier(0.9)  # the same weights; this one gets QAT layers
+    return float_model.eval(), qat_int8(reference)
+
+
+@pytest.fixture
+def saved_int8(sparse_models: tuple[ImageClassifier, nn.Module], tmp_path: Path) -> tuple[nn.Module, Path]:
+    _, int8 = sparse_models
+    path = tmp_path / "int8.safetensors"
+    save_compressed(int8, path)
+    return int8, path
+
+
+# ------------------------------------------------------------------------------ the pruned, converted reference CNN
+
+
+def test_an_int8_model_reloads_without_a_skeleton_and_computes_bit_for_bit_the_same(
+    saved_int8: tuple[nn.Module, Path],
+) -> None:
+    int8, path = saved_int8
+    loaded = load_compressed(path)
+    assert type(loaded) is ImageClassifier and not loaded.training
+    assert loaded.hparams == int8.hparams
+    for name, cls in INT8_LAYERS.items():
+        layer = loaded.get_submodule(name)
+        assert type(layer) is cls and layer.rebuild_args() == int8.get_submodule(name).rebuild_args()
+    assert_state_bit_equal(loaded, int8)
+    with torch.no_grad():
+        expected, actual = int8(BATCH), loaded(BATCH)
+    assert torch.equal(bits(actual), bits(expected))
+
+
+def test_pruned_weights_are_int8_zeros_stored_in_a_bit_mask(
+    sparse_models: tuple[ImageClassifier, nn.Module], saved_int8: tuple[nn.Module, Path]
+) -> None:
+    float_model, _ = sparse_models
+    _, path = saved_int8
+    manifest = read_manifest(path)
+    for name in INT8_LAYERS:
+        entry = manifest["tensors"][f"{name}.weight"]
+        assert entry["codec"] == "bitmask" and entry["meta"]["dtype"] == "int8"
+    loaded = load_compressed(path)
+    for name in INT8_LAYERS:
+        pruned = float_model.get_submodule(name).weight == 0
+        int8_weight = loaded.get_submodule(name).weight
+        assert int8_weight.dtype == torch.int8
+        # The kept weights are the largest 10 %, far above one quantization step, so none of them rounds to zero.
+        assert torch.equal(int8_weight == 0, pruned), name
+    with safe_open(path, framework="pt") as file:
+        values = file.get_tensor("net.fc1.weight::values")
+    assert values.dtype == torch.int8 and values.numel() == int((float_model.net.fc1.weight != 0).sum())
+
+
+def test_the_int8_file_is_much_smaller_than_the_float_sparse_export(
+    sparse_models: tuple[ImageClassifier, nn.Module], tmp_path: Path
+) -> None:
+    float_model, int8 = sparse_models
+    float_bytes = save_compressed(float_model, tmp_path / "float.safetensors")
+    int8_bytes = save_compressed(int8, tmp_path / "int8.safetensors")
+    torch.save(float_model.state_dict(), tmp_path / "dense.pt")
+    dense_bytes = (tmp_path / "dense.pt").stat().st_size
+    ratio = int8_bytes / float_bytes
+    print(
+        f"\n90%-sparse reference CNN: int8 {int8_bytes} B, float sparse {float_bytes} B, dense torch.save"
+        f" {dense_bytes} B; int8/float sparse = {ratio:.3f}, int8/dense = {int8_bytes / dense_bytes:.3f}"
+    )
+    # 1 bit per weight + 1 byte (not 4) per non-zero: (1/8 + 0.1) / (1/8 + 0.4) = 0.43 of the float sparse file.
+    assert ratio <= 0.5
+
+
+def test_the_file_spends_exactly_packed_nbytes_on_int8_tensor_data(saved_int8: tuple[nn.Module, Path]) -> None:
+    int8, path = saved_int8
+    data = sum(packed_nbytes(tensor) for tensor in int8.state_dict().values())
+    assert path.stat().st_size == header_size(path) + data  # the monitor's bytes_compressed is the file's data
+
+
+def test_the_manifest_records_each_int8_layer_with_its_constructor_arguments(
+    saved_int8: tuple[nn.Module, Path], tmp_path: Path
+) -> None:
+    int8, path = saved_int8
+    modules = read_manifest(path)["modules"]
+    assert set(modules) == set(INT8_LAYERS)
+    for name, cls in INT8_LAYERS.items():
+        assert modules[name] == {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "module": cls.__module__,
+            "qualname": cls.__qualname__,
+            "args": int8.get_submodule(name).rebuild_args(),
+        }
+    float_path = tmp_path / "float.safetensors"
+    save_compressed(pruned_classifier(0.5), float_path)
+    assert "modules" not in read_manifest(float_path)  # a float model's manifest is what it was before
+
+
+def test_4_bit_weights_take_about_half_the_bytes_of_8_bit_weights(tmp_path: Path) -> None:
+    sizes = {}
+    for weight_bits in (8, 4):
+        int8 = qat_int8(pruned_classifier(0.0), weight_bits=weight_bits)
+        path = tmp_path / f"w{weight_bits}.safetensors"
+        sizes[weight_bits] = save_compressed(int8, path)
+        codec = read_manifest(path)["tensors"]["net.fc1.weight"]["codec"]
+        assert codec == ("int4" if weight_bits == 4 else "dense")
+        loaded = load_compressed(path)
+        assert_state_bit_equal(loaded, int8)
+        with torch.no_grad():
+            assert torch.equal(loaded(BATCH), int8(BATCH))
+    ratio = sizes[4] / sizes[8]
+    print(f"\ndense reference CNN: 4-bit {sizes[4]} B / 8-bit {sizes[8]} B = {ratio:.3f}")
+    assert 0.45 <= ratio <= 0.55
+
+
+def test_pruned_4_bit_weights_are_a_bit_mask_plus_a_nibble_per_non_zero(tmp_path: Path) -> None:
+    int8 = qat_int8(pruned_classifier(0.9), weight_bits=4)
+    path = tmp_path / "w4_sparse.safetensors"
+    written = save_compressed(int8, path)
+    weight = int8.net.fc1.weight
+    assert read_manifest(path)["tensors"]["net.fc1.weight"]["codec"] == "bitmask_int4"
+    assert packed_nbytes(weight) == weight.numel() // 8 + (int(weight.count_nonzero()) + 1) // 2
+    print(f"\n90%-sparse reference CNN, 4-bit weights: {written} B")
+    loaded = load_compressed(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(BATCH), int8(BATCH))
+
+
+def test_a_skeleton_must_already_have_the_int8_layers(saved_int8: tuple[nn.Module, Path]) -> None:
+    int8, path = saved_int8
+    skeleton = qat_int8(pruned_classifier(0.9, seed=5), seed=5)  # same structure, other weights
+    assert load_compressed(path, skeleton) is skeleton
+    assert_state_bit_equal(skeleton, int8)
+
+    float_skeleton = ImageClassifier(image_size=28)
+    before = {k: v.clone() for k, v in float_skeleton.state_dict().items()}
+    with pytest.raises(
+        CompressedFileError,
+        match=rf"{path}: does not fit ImageClassifier \(nothing was loaded\): .*"
+        r"'net.conv1.weight' is int8\[32, 1, 3, 3\] in the file but float32\[32, 1, 3, 3\] in the model",
+    ):
+        load_compressed(path, float_skeleton)  # the module records are not applied to a skeleton
+    assert all(torch.equal(before[k], v) for k, v in float_skeleton.state_dict().items())
+
+
+def test_a_file_without_module_records_still_loads_into_a_skeleton(saved_int8: tuple[nn.Module, Path]) -> None:
+    int8, path = saved_int8
+    rewrite(path, lambda m: m.pop("modules"))  # as written before module records existed
+    skeleton = qat_int8(pruned_classifier(0.9, seed=5), seed=5)
+    assert_state_bit_equal(load_compressed(path, skeleton), int8)
+    with pytest.raises(CompressedFileError, match=rf"{path}: does not fit ImageClassifier \(nothing was loaded\)"):
+        load_compressed(path)  # rebuilt with float layers: the file's int8 weights do not fit
+
+
+# ------------------------------------------------------------------------------------ forged or damaged records
+
+
+def _set(name: str, **changes: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda m: m["modules"][name].update(changes)
+
+
+def _rename(old: str, new: str) -> Callable[[dict[str, Any]], None]:
+    return lambda m: m["modules"].__setitem__(new, m["modules"].pop(old))
+
+
+def _args(name: str, **changes: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda m: m["modules"][name]["args"].update(changes)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_rename("net.fc1", "net.fc9"), r"records module 'net.fc9' .*which the rebuilt ImageClassifier does not have"),
+        (_rename("net.fc1", "net.relu.fc1"), r"records module 'net.relu.fc1' .*does not have"),
+        (_rename("net.fc1", "hparams"), r"records module 'hparams' .*does not have"),
+        (_rename("net.fc1", "net..fc1"), r"module record name 'net..fc1' is not a dotted attribute path"),
+        (_args("net.fc1", in_features="many"), r"could not rebuild module 'net.fc1' as .*Int8Linear\(\*\*"),
+        (_args("net.conv1", stride_x=[1, 1]), r"could not rebuild module 'net.conv1' as .*unexpected keyword"),
+        (_args("net.fc1", in_features=7), r"does not fit ImageClassifier .*'net.fc1.weight' is int8\[128, 3136\]"),
+        (_set("net.fc1", args=None), r"cannot rebuild module 'net.fc1' \(.*Int8Linear\) without a skeleton"),
+        (_set("net.fc1", qualname="Int8 Linear"), r"recorded class .*'Int8 Linear' for module 'net.fc1' is not a"),
+        (_set("net.fc1", qualname="Int8Nothing"), r"Int8Nothing for module 'net.fc1', which cannot be imported"),
+        (_set("net.fc1", qualname="QuantSpec"), r"QuantSpec for module 'net.fc1', which is not a torch.nn.Module"),
+        (lambda m: m["modules"].__setitem__("net.fc1", [1, 2]), r"its record for module 'net.fc1' is not a JSON"),
+        (lambda m: m.__setitem__("modules", ["net.fc1"]), r"its manifest `modules` is not a JSON object"),
+        (lambda m: m["modules"].pop("net.fc1"), r"does not fit ImageClassifier .*'net.fc1.weight' is int8"),
+    ],
+    ids=[
+        "unknown_name",
+        "name_under_a_leaf",
+        "name_of_a_non_module",
+        "bad_name",
+        "bad_arg_value",
+        "unknown_arg",
+        "args_of_another_shape",
+        "args_null",
+        "class_not_dotted",
+        "class_missing",
+        "class_not_a_module",
+        "record_not_object",
+        "modules_not_object",
+        "record_dropped",
+    ],
+)
+def test_a_forged_module_record_is_a_clear_error_and_nothing_is_loaded(
+    saved_int8: tuple[nn.Module, Path],
+    no_state_is_loaded: list[nn.Module],
+    edit: Callable[[dict[str, Any]], None],
+    match: str,
+) -> None:
+    _, path = saved_int8
+    if "QuantSpec" in match:  # a trusted, importable class that is not a module
+        rewrite(path, _set("net.fc1", module="lightning_compress.quantization.fake_quant"))
+    rewrite(path, edit)
+    with pytest.raises(CompressedFileError, match=rf"^{path}: .*{match}"):
+        load_compressed(path)
+    assert no_state_is_loaded == []
+
+
+def test_a_flipped_byte_in_a_module_record_is_reported(
+    saved_int8: tuple[nn.Module, Path], no_state_is_loaded: list[nn.Module]
+) -> None:
+    _, path = saved_int8
+    data = bytearray(path.read_bytes())
+    at = data.index(b'in_features\\":3136') + len(b'in_features\\":')  # the manifest is a JSON string in the header
+    data[at] = ord("4")  # 3136 -> 4136, the manifest's checksum left as it was
+    path.write_bytes(bytes(data))
+    with pytest.raises(CompressedFileError, match=rf"{path}: is corrupted: its manifest does not match its SHA-256"):
+        load_compressed(path)
+    assert no_state_is_loaded == []
+
+
+def test_an_untrusted_class_in_a_module_record_is_never_imported(
+    saved_int8: tuple[nn.Module, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_state_is_loaded: list[nn.Module],
+) -> None:
+    int8, path = saved_int8
+    marker = tmp_path / "imported.txt"
+    module = f"lc_untrusted_layer_{uuid.uuid4().hex[:8]}"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / f"{module}.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({os.fspath(marker)!r}).write_text('imported')\n"
+        "from lightning_compress.quantization import Int8Linear\n\n"
+        "class Layer(Int8Linear):\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(os.fspath(site))
+    rewrite(path, _set("net.fc1", module=module, qualname="Layer", class_path=f"{module}.Layer"))
+
+    for trusted in ([], ["lc_untrusted_layer"], [f"{module}_other"]):
+        with pytest.raises(
+            CompressedFileError,
+            match=rf"^{path}: records the class {module}\.Layer for module 'net.fc1', which is outside the trusted"
+            rf" prefixes .*nothing was imported.*trusted_prefixes=\['{module}'\]",
+        ):
+            load_compressed(path, trusted_prefixes=trusted)
+        assert not marker.exists() and module not in sys.modules
+    assert no_state_is_loaded == []
+
+    loaded = load_compressed(path, trusted_prefixes=[module])
+    assert marker.exists() and type(loaded.net.fc1).__name__ == "Layer"
+    assert_state_bit_equal(loaded, int8)
+    monkeypatch.delitem(sys.modules, module)
+
+
+# ------------------------------------------------------------------------------------------------- int8 codecs
+
+
+EDGE_INT8 = torch.tensor([-128, 127, 0, -1, 1, 0, 0, -128, 0, 127, 0], dtype=torch.int8)
+ALL_INT4 = torch.arange(-8, 8, dtype=torch.int8)
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        EDGE_INT8,
+        EDGE_INT8.view(11, 1).expand(11, 3).t(),  # not contiguous
+        torch.zeros(0, dtype=torch.int8),
+        torch.zeros(4, 4, dtype=torch.int8),
+        torch.tensor(-128, dtype=torch.int8),
+        torch.tensor([0, 255, 0, 0, 1, 128], dtype=torch.uint8),
+    ],
+    ids=["edges", "non_contiguous", "empty", "all_zero", "scalar", "uint8"],
+)
+def test_bitmask_stores_int8_and_uint8_exactly_at_a_bit_per_element_plus_a_byte_per_non_zero(
+    tensor: torch.Tensor,
+) -> None:
+    parts, entry = pack(tensor, "bitmask")
+    assert parts["values"].dtype == tensor.dtype
+    expected_bytes = -(-tensor.numel() // 8) + int(tensor.count_nonzero())
+    assert packed_nbytes(tensor, "bitmask") == sum(p.numel() for p in parts.values()) == expected_bytes
+    restored = unpack(parts, entry)
+    assert restored.dtype == tensor.dtype and restored.shape == tensor.shape and torch.equal(restored, tensor)
+
+
+@pytest.mark.parametrize("codec", ["int4", "bitmask_int4"])
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        ALL_INT4,
+        ALL_INT4[:15],  # odd count: the last byte has one nibble
+        ALL_INT4.view(4, 4).t(),  # not contiguous
+        torch.tensor([-8, 0, 0, 7, 0, 0, 0, 0, 0, -8, 7], dtype=torch.int8),
+        torch.zeros(0, dtype=torch.int8),
+        torch.zeros(3, 0, dtype=torch.int8),
+        torch.zeros(5, 3, dtype=torch.int8),
+        torch.tensor(7, dtype=torch.int8),
+        torch.tensor(-8, dtype=torch.int8),
+    ],
+    ids=["all_values", "odd", "non_contiguous", "sparse_edges", "empty", "empty_2d", "all_zero", "scalar7", "scalar-8"],
+)
+def test_the_4_bit_codecs_round_trip_every_value_from_minus_8_to_7_exactly(codec: str, tensor: torch.Tensor) -> None:
+    assert CODECS[codec].lossless and CODECS[codec].supports(tensor)
+    parts, entry = pack(tensor, codec)
+    json.dumps(entry)
+    assert all(part.dtype == torch.uint8 for part in parts.values())
+    numel, nnz = tensor.numel(), int(tensor.count_nonzero())
+    expected_bytes = -(-numel // 2) if codec == "int4" else -(-numel // 8) + -(-nnz // 2)
+    assert packed_nbytes(tensor, codec) == sum(p.numel() for p in parts.values()) == expected_bytes
+    restored = unpack(parts, entry)
+    assert restored.dtype == torch.int8 and restored.shape == tensor.shape and torch.equal(restored, tensor)
+
+
+def test_int4_nibbles_are_twos_complement_first_element_high() -> None:
+    parts, _ = pack(torch.tensor([-8, 7, -1, 1, 5], dtype=torch.int8), "int4")
+    assert parts["nibbles"].tolist() == [0x87, 0xF1, 0x50]
+    parts, _ = pack(torch.tensor([0, -8, 0, 0, 0, 0, 0, 0, 0, 7, -1], dtype=torch.int8), "bitmask_int4")
+    assert parts["bitmask"].tolist() == [0b01000000, 0b01100000] and parts["nibbles"].tolist() == [0x87, 0xF0]
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.tensor([0, 8], dtype=torch.int8),
+        torch.tensor([-9, 0], dtype=torch.int8),
+        torch.tensor([127, -128], dtype=torch.int8),
+        torch.tensor([0, 1], dtype=torch.uint8),
+        torch.tensor([0, 1], dtype=torch.int16),
+        torch.tensor([0.0, 1.0]),
+    ],
+    ids=["8", "-9", "int8_edges", "uint8", "int16", "float"],
+)
+def test_the_4_bit_codecs_refuse_what_they_cannot_store_exactly(tensor: torch.Tensor) -> None:
+    for codec in ("int4", "bitmask_int4"):
+        assert not CODECS[codec].supports(tensor)
+        with pytest.raises(PackingError, match=rf"codec '{codec}' cannot store this .* values all lie in \[-8, 7\]"):
+            pack(tensor, codec)
+
+
+def test_damaged_4_bit_parts_are_refused() -> None:
+    parts, entry = pack(torch.tensor([1, 2, 3], dtype=torch.int8), "int4")
+    with pytest.raises(PackingError, match="part `nibbles` has a non-zero nibble past the last element"):
+        unpack({"nibbles": parts["nibbles"] | 1}, entry)
+    with pytest.raises(PackingError, match=r"part `nibbles` is uint8\[1\], expected uint8\[2\]"):
+        unpack({"nibbles": parts["nibbles"][:1]}, entry)
+    with pytest.raises(PackingError, match="codec 'int4' stores int8 tensors only, the metadata says float32"):
+        unpack(parts, {**entry, "meta": {**entry["meta"], "dtype": "float32"}})
+    parts, entry = pack(torch.tensor([0, 3, 0, -2], dtype=torch.int8), "bitmask_int4")
+    with pytest.raises(PackingError, match="part `nibbles` holds a zero where the bit mask marks a non-zero"):
+        unpack({**parts, "nibbles": torch.tensor([0x30], dtype=torch.uint8)}, entry)
+    with pytest.raises(PackingError, match="part `bitmask` has bits set past the last element"):
+        unpack({**parts, "bitmask": parts["bitmask"] | 1}, entry)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "codec"),
+    [
+        (torch.randint(-128, 128, (64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int8), "dense"),
+        (torch.tensor([-128, 127] + [0] * 62, dtype=torch.int8), "bitmask"),
+        (ALL_INT4.repeat(4), "int4"),
+        (torch.tensor([-8, 7] + [0] * 62, dtype=torch.int8), "bitmask_int4"),
+        (torch.tensor([255] + [0] * 63, dtype=torch.uint8), "bitmask"),
+        (torch.tensor([7] + [0] * 63, dtype=torch.uint8), "bitmask"),  # nibbles are for signed int8 only
+        (torch.tensor([7] + [0] * 63, dtype=torch.int16), "dense"),  # wider integers stay dense
+        (torch.tensor([True] + [False] * 63), "dense"),
+        (torch.tensor([3], dtype=torch.int8), "dense"),  # 1 byte either way: ties keep dense
+    ],
+    ids=["int8_dense", "int8_sparse", "int4_dense", "int4_sparse", "uint8", "uint8_small", "int16", "bool", "tie"],
+)
+def test_choose_codec_picks_the_smallest_codec_for_int8_tensors(tensor: torch.Tensor, codec: str) -> None:
+    assert choose_codec(tensor) == codec
+    sizes = [c.nbytes(tensor) for c in CODECS.values() if c.lossless and c.supports(tensor)]
+    if tensor.dtype in (torch.int8, torch.uint8):
+        assert packed_nbytes(tensor) == min(sizes)
+    parts, entry = pack(tensor)
+    assert entry["codec"] == codec and torch.equal(unpack(parts, entry), tensor)
