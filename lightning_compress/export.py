@@ -64,6 +64,7 @@ BUILTIN_TRUSTED_PREFIX = "lightning_compress"
 _PART_SEP = "::"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_MODULE_NAME = re.compile(r"\w+(\.\w+)*")  # named_modules() names: nn.Sequential / ModuleList children are digits
 _MAX_LISTED = 10
 
 
@@ -488,7 +489,7 @@ def _replace_modules(source: Path, records: Any, model: nn.Module, trusted: tupl
     for name in sorted(records, key=lambda n: (n.count("."), n)):
         record = records[name]
         subject = f" for module {name!r}"
-        if not _is_dotted(name):
+        if not (isinstance(name, str) and _MODULE_NAME.fullmatch(name)):
             raise _fail(source, f"is corrupted: its module record name {name!r} is not a dotted attribute path.")
         if not isinstance(record, dict):
             raise _fail(source, f"is corrupted: its record{subject} is not a JSON object.")

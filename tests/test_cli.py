@@ -90,6 +90,29 @@ def test_fit_runs_the_pruning_recipe_and_checkpoints_a_90_percent_sparse_model(t
     assert any(key.startswith("GradualPruning") for key in checkpoint["callbacks"])
 
 
+def test_the_qat_recipe_checkpoint_converts_to_an_int8_model_that_still_classifies(tmp_path: Path) -> None:
+    """The documented route from a QAT recipe's checkpoint to an int8 model: prepare, load, convert."""
+    from lightning_compress import QuantizationAwareTraining, convert_to_int8
+    from lightning_compress.data import DigitsDataModule
+    from lightning_compress.models import ImageClassifier
+    from lightning_compress.quantization import Int8Linear
+
+    main(["fit", "--config", str(REPO / "recipes/digits_qat8.yaml"), f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    checkpoint = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"]["net.fc1.fake_quant_enabled"]
+    model = ImageClassifier(image_size=8)
+    QuantizationAwareTraining(8, 8).prepare(model)
+    model.load_state_dict(checkpoint["state_dict"])
+    int8 = convert_to_int8(model)
+    assert isinstance(int8.net.fc1, Int8Linear)
+    data = DigitsDataModule()
+    data.setup("validate")
+    images, labels = (torch.cat(parts) for parts in zip(*data.val_dataloader(), strict=True))
+    with torch.no_grad():
+        accuracy = (int8(images).argmax(1) == labels).float().mean()
+    assert accuracy > 0.9
+
+
 @pytest.mark.slow
 def test_fit_runs_the_fashion_mnist_recipe_on_the_real_data(tmp_path: Path) -> None:
     main(

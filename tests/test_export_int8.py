@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_compress import QuantizationAwareTraining, convert_to_int8
+from lightning_compress._lightning import LightningModule
 from lightning_compress.export import CompressedFileError, encode_metadata, load_compressed, save_compressed
 from lightning_compress.models import ImageClassifier
 from lightning_compress.packing import CODECS, PackingError, choose_codec, pack, packed_nbytes, unpack
@@ -268,6 +269,41 @@ def test_a_file_without_module_records_still_loads_into_a_skeleton(saved_int8: t
         load_compressed(path)  # rebuilt with float layers: the file's int8 weights do not fit
 
 
+class SequentialNet(LightningModule):
+    """Int8 layers inside nn.Sequential / nn.ModuleList: their names have numeric parts (``body.0``)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.heads = nn.ModuleList([nn.Linear(32, 4), nn.Linear(32, 2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(x)
+        return torch.cat([head(hidden) for head in self.heads], dim=1)
+
+
+def test_int8_layers_inside_sequential_and_module_lists_are_rebuilt(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SequentialNet(width=16)
+    layers = QuantizationAwareTraining(weight_bits=8, activation_bits=8).prepare(model)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 16))
+    for layer in layers.values():
+        layer.enable_fake_quant()
+    int8 = convert_to_int8(model)
+    path = tmp_path / "sequential.safetensors"
+    save_compressed(int8, path)
+    assert set(read_manifest(path)["modules"]) == {"body.0", "body.2", "heads.0", "heads.1"}
+    loaded = load_compressed(path, trusted_prefixes=[SequentialNet.__module__])
+    assert type(loaded.heads[1]) is Int8Linear
+    assert_state_bit_equal(loaded, int8)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), int8(x))
+
+
 # ------------------------------------------------------------------------------------ forged or damaged records
 
 
@@ -290,6 +326,7 @@ def _args(name: str, **changes: Any) -> Callable[[dict[str, Any]], None]:
         (_rename("net.fc1", "net.relu.fc1"), r"records module 'net.relu.fc1' .*does not have"),
         (_rename("net.fc1", "hparams"), r"records module 'hparams' .*does not have"),
         (_rename("net.fc1", "net..fc1"), r"module record name 'net..fc1' is not a dotted attribute path"),
+        (_rename("net.fc1", "net.fc1 "), r"module record name 'net.fc1 ' is not a dotted attribute path"),
         (_args("net.fc1", in_features="many"), r"could not rebuild module 'net.fc1' as .*Int8Linear\(\*\*"),
         (_args("net.conv1", stride_x=[1, 1]), r"could not rebuild module 'net.conv1' as .*unexpected keyword"),
         (_args("net.fc1", in_features=7), r"does not fit ImageClassifier .*'net.fc1.weight' is int8\[128, 3136\]"),
@@ -306,6 +343,7 @@ def _args(name: str, **changes: Any) -> Callable[[dict[str, Any]], None]:
         "name_under_a_leaf",
         "name_of_a_non_module",
         "bad_name",
+        "name_with_space",
         "bad_arg_value",
         "unknown_arg",
         "args_of_another_shape",
