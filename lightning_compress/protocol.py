@@ -37,6 +37,26 @@ class DescribesCompression(Protocol):
     def compression_figures(self) -> LayerFigures: ...
 
 
+@dataclass(frozen=True)
+class LayerStorage:
+    """What a layer stores, when its tensors are not simply its parameters (quantized layers: int8 weights and
+    scales in buffers, or float weights that will be exported as int8). Parameters are the weight and bias alone;
+    scales, zero points and observer statistics are quantization metadata, counted in bytes only."""
+
+    params_dense: int
+    params_effective: int  # non-zeros of weight and bias
+    bytes_dense: int  # the weight and bias at fp32
+    bytes_compressed: int  # what save_compressed writes for the layer (once converted, for a QAT layer)
+
+
+@runtime_checkable
+class ReportsStorage(Protocol):
+    """A layer whose parameters and bytes the monitor takes from :meth:`storage` instead of its tensors (all of its
+    tensors, recursively, are then left out of the model's totals). Collective under ZeRO-3."""
+
+    def storage(self) -> LayerStorage: ...
+
+
 MEASURED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

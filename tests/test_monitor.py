@@ -212,3 +212,62 @@ def test_without_example_input_array_the_monitor_warns_once_and_logs_no_flops(tm
     series = read_csv_metrics(Path(logger.log_dir) / "metrics.csv")
     assert "compress/params_dense" in series and "compress/flops_dense" not in series
     assert "compress/latency_ms" not in series
+
+
+# ------------------------------------------------------------------------------------------------- quantization
+
+
+def test_a_quantizing_layer_counts_as_the_int8_layer_it_converts_to(tmp_path: Path) -> None:
+    """Before fake quantization a QAT model measures like its float self; once quantizing, exactly like its int8
+    conversion, whose bytes are those save_compressed writes; dense figures stay the fp32 model's throughout."""
+    from lightning_compress import QuantizationAwareTraining, convert_to_int8, save_compressed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[0].weight[:, ::2] = 0.0
+    float_report = measure_model(model)
+    layers = QuantizationAwareTraining(8, 8).prepare(model)
+    for _ in range(3):
+        model(torch.randn(16, 64))
+    observing = measure_model(model)
+    assert (observing.bytes_compressed, observing.params_dense) == (float_report.bytes_compressed, 4810)
+    for layer in layers.values():
+        layer.enable_fake_quant()
+    quantizing, int8 = measure_model(model), measure_model(convert_to_int8(model))
+    assert quantizing.bytes_compressed == int8.bytes_compressed < 0.45 * float_report.bytes_compressed
+    for report in (quantizing, int8):
+        assert (report.params_dense, report.bytes_dense) == (float_report.params_dense, float_report.bytes_dense)
+    # the integers' non-zeros: a few small weights round to 0 as well as the pruned ones
+    assert quantizing.params_effective == int8.params_effective <= float_report.params_effective
+    assert [layer.bytes_compressed for layer in quantizing.layers] == [layer.bytes_compressed for layer in int8.layers]
+    from safetensors import safe_open
+
+    save_compressed(convert_to_int8(model), tmp_path / "int8.lc")
+    with safe_open(str(tmp_path / "int8.lc"), framework="pt") as file:
+        written = sum(file.get_tensor(key).nbytes for key in file.keys())  # noqa: SIM118 (safe_open has no iterator)
+    assert written == int8.bytes_compressed
+
+
+def test_the_logged_bytes_fall_when_quantization_starts(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import CSVLogger
+
+    from lightning_compress import QuantizationAwareTraining
+
+    logger = CSVLogger(tmp_path)
+    pl.seed_everything(0)
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[QuantizationAwareTraining(8, 8, start_step=10), CompressionMonitor(log_every_n_steps=1)],
+    ).fit(ImageClassifier(image_size=8), datamodule=DigitsDataModule())
+    series = dict(read_csv_metrics(Path(logger.log_dir) / "metrics.csv")["compress/bytes_compressed"])
+    # Quantization starts with the forward of step 10's batch, so the figure logged after that step (11) falls.
+    before, after = series[10], series[11]
+    assert all(series[step] == before for step in range(1, 11))
+    assert after < 0.3 * before  # int8 weights: a quarter of the bytes, plus scales

@@ -5,7 +5,9 @@ counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, 
 dense FLOPs are ``2 x in_features/groups x kernel size x output elements``, and its effective FLOPs are that times
 the layer's own ``flops_factor`` (a masked layer: its weight density; see ``lightning_compress.protocol``).
 Bytes: dense = every tensor of the state dict at fp32 (other dtypes at their size); compressed = what
-``save_compressed`` writes for the tensor data (``packing.packed_nbytes``), without the small manifest.
+``save_compressed`` writes for the tensor data (``packing.packed_nbytes``), without the small manifest. A quantized
+layer (``protocol.ReportsStorage``) reports its own figures: a QAT layer that fake-quantizes counts as the int8 layer
+it converts to (so the bytes fall when quantization starts), and an int8 layer counts its weight at fp32 as dense.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_compress.distributed import gathered
-from lightning_compress.protocol import MEASURED_LAYERS, DescribesCompression, LayerFigures, describe
+from lightning_compress.protocol import (
+    MEASURED_LAYERS,
+    DescribesCompression,
+    LayerFigures,
+    ReportsStorage,
+    describe,
+)
 
 
 @dataclass(frozen=True)
@@ -77,16 +85,26 @@ def measure_model(model: nn.Module, example_input: Any = None) -> ModelReport:
 
     flops_total, layer_flops = count_flops(model, example_input) if example_input is not None else (None, {})
     layers = []
+    params_dense = params_effective = bytes_dense = bytes_compressed = 0
+    reported: set[int] = set()  # tensors of layers that report their own storage
     for name, module in model.named_modules():
         figures = describe(module) if name else None
         if figures is None:
             continue
-        own = dict(module.named_parameters(recurse=False))
-        with gathered(list(own.values())):
-            packed = sum(packed_nbytes(p.detach()) for p in own.values())
+        if isinstance(module, ReportsStorage):
+            storage = module.storage()
+            packed = storage.bytes_compressed
+            params_dense += storage.params_dense
+            params_effective += storage.params_effective
+            bytes_dense += storage.bytes_dense
+            bytes_compressed += storage.bytes_compressed
+            reported.update(id(t) for t in (*module.parameters(), *module.buffers()))
+        else:
+            own = dict(module.named_parameters(recurse=False))
+            with gathered(list(own.values())):
+                packed = sum(packed_nbytes(p.detach()) for p in own.values())
         layers.append(LayerReport(name, type(module).__name__, figures, packed, layer_flops.get(name)))
-    params_dense = params_effective = bytes_dense = bytes_compressed = 0
-    for tensor in _full_tensors(model):
+    for tensor in _full_tensors(model, skip=reported):
         params_dense += tensor.numel() if isinstance(tensor, nn.Parameter) else 0
         params_effective += int(torch.count_nonzero(tensor)) if isinstance(tensor, nn.Parameter) else 0
         bytes_dense += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
@@ -168,12 +186,13 @@ def _dense_flops(module: nn.Module, output: torch.Tensor) -> int:
     return 0  # a DescribesCompression layer of another kind reports its own FLOPs through its figures
 
 
-def _full_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    """Every parameter (full, also under ZeRO-3) and buffer of ``model``, one at a time."""
+def _full_tensors(model: nn.Module, skip: set[int]) -> Iterator[torch.Tensor]:
+    """Every parameter (full, also under ZeRO-3) and buffer of ``model`` not in ``skip`` (ids), one at a time."""
     for param in model.parameters():
-        with gathered([param]):
-            yield param
-    yield from model.buffers()
+        if id(param) not in skip:
+            with gathered([param]):
+                yield param
+    yield from (buffer for buffer in model.buffers() if id(buffer) not in skip)
 
 
 @contextmanager

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.protocol import LayerFigures
+from lightning_compress.packing import packed_nbytes
+from lightning_compress.protocol import LayerFigures, LayerStorage
 from lightning_compress.quantization import kernels
 from lightning_compress.quantization.fake_quant import QuantSpec, quantize
 
@@ -84,6 +85,13 @@ class _Int8Base(nn.Module):
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, make())
         return self._packed[1]
+
+    def storage(self) -> LayerStorage:
+        """Weight and bias as parameters (dense: at fp32); bytes as ``save_compressed`` writes the buffers."""
+        tensors = [self.weight] + ([] if self.bias is None else [self.bias])
+        params = sum(t.numel() for t in tensors)
+        nonzeros = sum(int(torch.count_nonzero(t)) for t in tensors)
+        return LayerStorage(params, nonzeros, 4 * params, sum(packed_nbytes(b) for b in self.buffers()))
 
     def compression_figures(self) -> LayerFigures:
         """``bits`` is the weight width; FLOPs count non-zero weights (integer arithmetic is reported via bits)."""

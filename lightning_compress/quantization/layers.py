@@ -15,8 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.distributed import full_shape, gathered
-from lightning_compress.protocol import LayerFigures
-from lightning_compress.quantization.fake_quant import EPS, QuantSpec, fake_quantize, learnable_fake_quantize, qrange
+from lightning_compress.packing import packed_nbytes
+from lightning_compress.protocol import LayerFigures, LayerStorage
+from lightning_compress.quantization.fake_quant import (
+    EPS,
+    QuantSpec,
+    fake_quantize,
+    learnable_fake_quantize,
+    qrange,
+    quantize,
+)
 from lightning_compress.quantization.observers import MinMaxObserver, MovingAverageObserver
 
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True, per_channel=True, channel_axis=0)
@@ -132,6 +140,30 @@ class _QATBase(nn.Module):
         else:
             fake = fake_quantize(x, *self.input_observer.calculate_qparams(), self.activation_spec)
         return torch.where(self.fake_quant_enabled, fake, x)
+
+    def storage(self) -> LayerStorage:
+        """Weight and bias as parameters; bytes as the int8 layer this one converts to once it fake-quantizes (its
+        integers, scales, bias and input scale and zero point, packed), as its float tensors before. Collective
+        under ZeRO-3."""
+        float_params = [self.weight] + ([] if self.bias is None else [self.bias])
+        scales = [self.weight_scale] if self.learnable_scales else []
+        with gathered(float_params + scales):
+            tensors = [p.detach() for p in float_params]
+            params = sum(t.numel() for t in tensors)
+            nonzeros = sum(int(torch.count_nonzero(t)) for t in tensors)
+            if not bool(self.fake_quant_enabled):
+                packed = sum(packed_nbytes(t) for t in tensors)
+            else:
+                scale, zero_point = self.weight_qparams()
+                integers = quantize(self.grouped(tensors[0]), scale, zero_point, self.weight_spec)
+                nonzeros += int(torch.count_nonzero(integers)) - int(torch.count_nonzero(tensors[0]))  # rounded to 0
+                packed = packed_nbytes(integers) + packed_nbytes(scale.reshape(-1).float())
+                packed += sum(packed_nbytes(t) for t in tensors[1:])
+                if self.input_observer is not None:
+                    input_scale, input_zero_point = self.input_qparams()
+                    packed += packed_nbytes(input_scale.reshape(()).float())
+                    packed += packed_nbytes(input_zero_point.reshape(()).to(torch.int32))
+        return LayerStorage(params, nonzeros, 4 * params, packed)
 
     def compression_figures(self) -> LayerFigures:
         """The layer as it will be exported: ``bits`` is the weight width, so int8 savings show in bytes.
