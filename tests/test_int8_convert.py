@@ -170,6 +170,19 @@ def test_a_new_state_dict_repacks_the_kernel_weights() -> None:
     assert not torch.allclose(before, second(x))
 
 
+def test_loading_a_state_dict_switches_fake_quantization_as_saved() -> None:
+    """Forward branches on a host-side copy of the flag buffer: a loaded state dict must move it too."""
+    x = torch.randn(8, 32)
+    quantizing = calibrated(nn.Sequential(nn.Linear(32, 8)), x)
+    fresh = nn.Sequential(nn.Linear(32, 8))
+    QuantizationAwareTraining(8, 8).prepare(fresh)
+    fresh.eval()
+    fresh.load_state_dict(quantizing.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantizing(x))
+        assert not torch.equal(fresh(x), nn.functional.linear(x, fresh[0].weight, fresh[0].bias))
+
+
 def test_inplace_conversion_replaces_the_layers_of_the_model_itself() -> None:
     x = torch.randn(8, 32)
     qat = calibrated(nn.Sequential(nn.Linear(32, 8)), x)

@@ -1,7 +1,8 @@
 """Affine integer quantization: specs, ranges, scales, fake quantization (STE) and real quantize/dequantize.
 
-Fake quantization uses torch's core ops (``torch.fake_quantize_per_{tensor,channel}_affine``), whose backward is the
-straight-through estimator: gradient 1 where the value lands inside the integer range, 0 where it is clamped.
+Fake quantization computes what torch's core ops (``torch.fake_quantize_per_{tensor,channel}_affine``) compute, bit
+for bit, about twice as fast on CPU; its backward is the straight-through estimator: gradient 1 where the value lands
+inside the integer range, 0 where it is clamped.
 :func:`quantize` / :func:`dequantize` follow the same arithmetic (``round_half_even(x * (1/scale)) + zero_point``,
 clamped; then ``(q - zero_point) * scale``), so ``fake_quantize(x) == dequantize(quantize(x))`` bit for bit.
 """
@@ -9,6 +10,7 @@ clamped; then ``(q - zero_point) * scale``), so ``fake_quantize(x) == dequantize
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,16 +77,29 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """Quantize-dequantize ``x`` in float with straight-through gradients (1 inside the range, 0 where clamped)."""
     qmin, qmax = qrange(spec)
     values = x if x.dtype == torch.float32 else x.float()
-    scale = scale.to(device=x.device, dtype=torch.float32)
-    zero_point = zero_point.to(device=x.device, dtype=torch.int32)
-    if spec.per_channel:
-        axis = spec.channel_axis % x.dim()
-        out = torch.fake_quantize_per_channel_affine(
-            values, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax
-        )
-    else:
-        out = torch.fake_quantize_per_tensor_affine(values, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
+    axis = spec.channel_axis if spec.per_channel else None
+    scale = _along(scale.to(device=x.device, dtype=torch.float32), values, axis)
+    zero_point = _along(zero_point.to(device=x.device, dtype=torch.float32), values, axis)
+    out = _FakeQuantize.apply(values, scale, zero_point, qmin, qmax)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """torch's ``fake_quantize_per_{tensor,channel}_affine`` arithmetic (bit for bit: ``x * (1 / scale)`` rounded
+    half to even, plus the zero point, clamped, minus it, times the scale) in plain tensor ops, which run about twice
+    as fast on CPU as those ops' kernels; the gradient is 1 where the value lands inside the range, else 0."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+        q = torch.round(x * (1.0 / scale)).add_(zero_point)
+        clamped = (q < qmin).logical_or_(q > qmax)
+        ctx.save_for_backward(clamped)
+        return q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (clamped,) = ctx.saved_tensors
+        return grad.masked_fill(clamped, 0.0), None, None, None, None
 
 
 def learnable_fake_quantize(

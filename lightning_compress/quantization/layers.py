@@ -4,8 +4,10 @@
 objects), and ``to_linear`` / ``to_conv2d`` / ``to_conv1d`` hand them back, so optimizers, DDP and DeepSpeed see no
 new parameters.
 Weights are observed per output channel (axis 0); inputs per tensor. Until ``fake_quant_enabled`` is set the layer
-only observes and computes exactly what the original layer computes. The flags are bool buffers read through
-``torch.where`` (no host sync), so they are saved in the state dict with the observers' statistics.
+only observes and computes exactly what the original layer computes. The flag is a bool buffer, saved in the state
+dict with the observers' statistics, with a host-side copy that forward branches on (no device sync; loading a state
+dict refreshes it). With learnable scales forward always computes the fake-quantized values and picks through
+``torch.where``, so the scales take part in every backward (DDP would otherwise report unused parameters).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class _QATBase(nn.Module):
         self.weight_observer = MinMaxObserver(weight_spec, channels)
         self.input_observer = MovingAverageObserver(activation_spec) if activation_spec is not None else None
         self.register_buffer("fake_quant_enabled", torch.tensor(False))
+        self._fake_quant_on = False  # a host-side copy of the flag: branching on it costs no device sync
+        self.register_load_state_dict_post_hook(_sync_flag_copy)
         self.learnable_scales = bool(learnable_scales)
         if self.learnable_scales:  # LSQ: the scales are Parameters, set from the observers when quantization starts
             self.weight_scale = nn.Parameter(torch.ones(channels or 1))
@@ -77,6 +81,12 @@ class _QATBase(nn.Module):
     def enable_fake_quant(self, enabled: bool = True) -> None:
         """Quantize in forward (True) or only observe (False)."""
         self.fake_quant_enabled.fill_(bool(enabled))
+        self._fake_quant_on = bool(enabled)
+
+    def _skips_fake_quant(self) -> bool:
+        """Before quantization starts, forward skips the fake-quantization arithmetic, except with learnable scales
+        (they must take part in every backward, or DDP would find unused parameters)."""
+        return not self._fake_quant_on and not self.learnable_scales
 
     def enable_observers(self, enabled: bool = True) -> None:
         """Keep updating (True) or freeze (False) the weight and input ranges."""
@@ -118,13 +128,16 @@ class _QATBase(nn.Module):
         view = self.grouped(self.weight)
         if self.training:
             self.weight_observer(view)
+        if self._skips_fake_quant():
+            return self.weight
         if self.learnable_scales:
             _, qmax = qrange(self.weight_spec)
             factor = (view.numel() / self.weight_scale.numel() * qmax) ** -0.5
             fake = learnable_fake_quantize(view, self.weight_scale, torch.zeros(1), self.weight_spec, factor)
         else:
             fake = fake_quantize(view, *self.weight_observer.calculate_qparams(), self.weight_spec)
-        return torch.where(self.fake_quant_enabled, fake.reshape(self.weight.shape), self.weight)
+        fake = fake.reshape(self.weight.shape)
+        return torch.where(self.fake_quant_enabled, fake, self.weight) if self.learnable_scales else fake
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as forward uses it: unchanged without an activation spec, else observed and fake-quantized."""
@@ -132,6 +145,8 @@ class _QATBase(nn.Module):
             return x
         if self.training:  # ranges come from training batches: validation and inference never move them
             self.input_observer(x)
+        if self._skips_fake_quant():
+            return x
         if self.learnable_scales:
             _, qmax = qrange(self.activation_spec)
             factor = (max(1, x[0].numel() if x.dim() > 1 else x.numel()) * qmax) ** -0.5
@@ -139,7 +154,7 @@ class _QATBase(nn.Module):
             fake = learnable_fake_quantize(x, self.input_scale, zero, self.activation_spec, factor)
         else:
             fake = fake_quantize(x, *self.input_observer.calculate_qparams(), self.activation_spec)
-        return torch.where(self.fake_quant_enabled, fake, x)
+        return torch.where(self.fake_quant_enabled, fake, x) if self.learnable_scales else fake
 
     def storage(self) -> LayerStorage:
         """Weight and bias as parameters; bytes as the int8 layer this one converts to once it fake-quantizes (its
@@ -183,6 +198,11 @@ class _QATBase(nn.Module):
             rank=None,
             flops_factor=nonzeros / total if total else 1.0,
         )
+
+
+def _sync_flag_copy(module: nn.Module, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: the host-side copy of ``fake_quant_enabled`` follows the loaded buffer."""
+    module._fake_quant_on = bool(module.fake_quant_enabled)
 
 
 class QATLinear(_QATBase):
