@@ -79,6 +79,29 @@ def test_linear_takes_the_token_dimension_of_a_transformer() -> None:
         torch.testing.assert_close(convert_to_int8(qat)(x), qat(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_hugging_face_bert_converts_and_keeps_its_outputs() -> None:
+    """Linear layers inside transformers (here a tiny random BERT) are quantized, converted and agree with QAT."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100
+    )
+    bert = transformers.BertModel(config)
+    tokens = torch.randint(0, 100, (16, 12))
+    layers = QuantizationAwareTraining(8, 8, include=[r"encoder\.layer\..*"]).prepare(bert)
+    assert len(layers) == 12
+    bert.train()
+    for batch in tokens.split(4):
+        bert(input_ids=batch)
+    for layer in layers.values():
+        layer.enable_fake_quant()
+    bert.eval()
+    with torch.no_grad():
+        expected = bert(input_ids=tokens).last_hidden_state
+        got = convert_to_int8(bert)(input_ids=tokens).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_integer_kernels_run_on_cpu_and_the_float_fallback_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
     """The oneDNN u8s8 kernels are what runs (counted); forcing the float path gives the same numbers."""
     x = torch.randn(32, 3, 8, 8)
