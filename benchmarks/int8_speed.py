@@ -1,9 +1,8 @@
 """Int8 inference speed of converted models against fp32 (and torchao), and the QAT training-step overhead.
 
-Committed results (benchmarks/results/int8_speed.{json,md}, and int8_speed_2threads.{json,md}) came from:
+Committed results (benchmarks/results/int8_speed.{json,md}) came from:
 
     .venv/bin/python benchmarks/int8_speed.py --rounds 8
-    .venv/bin/python benchmarks/int8_speed.py --rounds 4 --threads 2 --train-models '' --name int8_speed_2threads
 
 Part 1, inference latency (``torch.inference_mode``, eval mode, one forward of one batch per call):
 - models: ``mlp`` = 4 x Linear(1024, 1024) with ReLU between them, batch 64 (random normal inputs);
@@ -23,23 +22,35 @@ Part 1, inference latency (``torch.inference_mode``, eval mode, one forward of o
   (the quantization error itself), torchao against fp32; and which int8 layers actually ran oneDNN's integer kernel
   (``kernels.linear_u8s8`` / ``conv2d_u8s8`` calls counted per layer during one forward; a layer with no call fell
   back to the float path).
-- interleaving: every round calls the variants strictly in turn (a b c a b c ..., each call timed alone with
-  ``perf_counter``; one untimed warm-up call each per round), the order rotated each round, so a burst of load from
-  the shared machine hits all variants within milliseconds. Reported: per variant the median of the per-round median
-  latencies [min-max], and the speed-up fp32 / variant computed within each round from the round's medians: median
-  [min-max] over rounds. The CPU time of the calling thread (``time.thread_time``) is kept too: at 1 torch thread all
-  the work runs on that thread and CPU time does not count time the core spent on other jobs.
+- interleaving: every round gives the variants turns strictly in order (a b c a b c ...; one untimed warm-up call
+  each per round), the order rotated each round, so a burst of load from the shared machine hits all variants within
+  a fraction of a second. Each turn is ``--block`` calls in a row, each timed alone with ``perf_counter`` (mlp: 5,
+  others: 1): the first call of a turn runs with caches full of the previous variant's weights (the fp32 mlp streams
+  16 MB, the L2 is 2 MB per core), which cost the int8 mlp ~25 % in a first version that alternated single calls
+  (2.6-2.8 ms against 2.2 ms back to back); so for the mlp the first call of each turn is reported apart ("cold") and
+  the other 4 are the figures below. The cnn and minilm calls are 10-100x longer, so reloading weights is noise.
+  Reported: per variant the median of the per-round median latencies [min-max], and the speed-up fp32 / variant
+  computed within each round, median [min-max] over rounds, taken two ways: the ratio of the round's mean latencies
+  (the headline) and of its median latencies. On a loaded machine the medians favour the shorter call: the scheduler
+  preempts this process every few ms, so most short (int8) calls run uninterrupted while most long (fp32) calls
+  include a wait, and the ratio of medians overstates the speed-up (3.4x against 2.4x for the mlp in one run at load
+  ~5); the interleaved means share the waits in proportion to the work. The CPU time of the calling thread
+  (``time.thread_time``) is kept too: at 1 torch thread all the work runs on that thread and CPU time does not count
+  the time other jobs held the core; its ratio agrees with the ratio of means.
 - where the time goes: after the rounds, forward hooks time each Linear/Conv layer (float, int8, or torchao) for a few
-  extra forwards; the share = time inside those layers / whole forward time (hook overhead included).
-- ``--threads 1,2`` repeats Part 1 at each torch thread count (the machine has 2 cores, shared with other jobs).
+  extra forwards; the share = time inside those layers / whole forward time (hook overhead included), median
+  over those forwards.
+- ``--threads 1,2`` repeats Part 1 at each torch thread count. On this 2-core machine shared with other jobs, 2
+  threads were unusable: whenever the other core is busy, every parallel region waits for its descheduled second
+  thread (4-round trial at load ~5.7: mlp fp32 23-176 ms per call, int8 8-436 ms), so only 1 thread is committed.
 
 Part 2, training-step time (1 torch thread, the first of ``--threads``): one step = zero_grad, forward, cross entropy
 (random labels for the mlp, the snippets' labels for minilm), backward, AdamW step, in a plain loop (no Trainer, so the
 layers' cost is measured alone; the callback's own per-step hook work is a few flag checks). Configurations, each a
 fresh copy of the same float model per round:
 - ``fp32``: the float model;
-- ``ours_observe``: our QAT layers (w8 per channel + a8 per tensor) before ``start_step``: observers update, fake
-  quantization is computed but not used (``torch.where`` on the flag);
+- ``ours_observe``: our QAT layers (w8 per channel + a8 per tensor) before ``start_step``: observers update, the
+  fake-quantization arithmetic is skipped (a host-side copy of the flag);
 - ``ours``: our QAT layers after ``start_step``: fake quantization of weights and inputs enabled, observers updating;
 - ``torchao``: torchao 0.18 ``QATConfig(activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token",
   is_symmetric=False), weight_config=IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True),
@@ -85,7 +96,8 @@ TRAIN_LABELS = {
     "torchao": "torchao QAT w8 per-channel + a8 per-token",
 }
 INFER_LABELS = {"fp32": "fp32", "int8": "ours: convert_to_int8", "torchao": "torchao Int8DynamicActivationInt8Weight"}
-DEFAULT_ITERS = {"mlp": 40, "cnn": 12, "minilm": 4}
+DEFAULT_ITERS = {"mlp": 10, "cnn": 12, "minilm": 4}
+DEFAULT_BLOCK = {"mlp": 5, "cnn": 1, "minilm": 1}
 DEFAULT_TRAIN_STEPS = {"mlp": 15, "cnn": 6, "minilm": 2}
 DEFAULT_TRAIN_ROUNDS = {"mlp": 6, "cnn": 4, "minilm": 3}
 DEFAULT_WARMUP_STEPS = {"mlp": 3, "cnn": 2, "minilm": 1}
@@ -299,23 +311,31 @@ def agreement(ref: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
 
 
 def time_inference_round(
-    variants: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], order: list[str], iters: int
+    variants: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], order: list[str], iters: int, block: int
 ) -> dict[str, dict[str, list[float]]]:
-    """``iters`` calls of every variant, strictly in turn in ``order``; wall and thread CPU ms of each call."""
-    out = {name: {"wall_ms": [], "cpu_ms": []} for name in order}
+    """``iters`` turns of every variant in ``order``, each turn ``block`` calls in a row; wall and thread CPU ms.
+
+    With ``block`` > 1 the first call of each turn (caches still holding the previous variant) is kept apart as
+    ``cold_wall_ms`` and the others form ``wall_ms`` / ``cpu_ms``; with ``block`` == 1 every call is in ``wall_ms``.
+    """
+    out = {name: {"wall_ms": [], "cpu_ms": [], "cold_wall_ms": []} for name in order}
     gc.collect()
     with torch.inference_mode():
         for name in order:  # warm-up
             variants[name](*inputs)
         for _ in range(iters):
             for name in order:
-                c0 = time.thread_time()
-                t0 = time.perf_counter()
-                variants[name](*inputs)
-                wall = time.perf_counter() - t0
-                cpu = time.thread_time() - c0
-                out[name]["wall_ms"].append(round(1e3 * wall, 4))
-                out[name]["cpu_ms"].append(round(1e3 * cpu, 4))
+                for i in range(block):
+                    c0 = time.thread_time()
+                    t0 = time.perf_counter()
+                    variants[name](*inputs)
+                    wall = time.perf_counter() - t0
+                    cpu = time.thread_time() - c0
+                    if i == 0 and block > 1:
+                        out[name]["cold_wall_ms"].append(round(1e3 * wall, 4))
+                        continue
+                    out[name]["wall_ms"].append(round(1e3 * wall, 4))
+                    out[name]["cpu_ms"].append(round(1e3 * cpu, 4))
     return out
 
 
@@ -332,19 +352,21 @@ def layer_share(model: nn.Module, inputs: tuple[torch.Tensor, ...], iters: int) 
                     lambda m, i, o: inside.__setitem__(0, inside[0] + time.perf_counter() - starts[id(m)])
                 )
             )
-    total = 0.0
+    shares, totals = [], []
     try:
         with torch.inference_mode():
             model(*inputs)
-            inside[0] = 0.0
             for _ in range(iters):
+                inside[0] = 0.0
                 t0 = time.perf_counter()
                 model(*inputs)
-                total += time.perf_counter() - t0
+                totals.append(time.perf_counter() - t0)
+                shares.append(inside[0] / totals[-1])
     finally:
         for h in hooks:
             h.remove()
-    return {"layers": len(hooks) // 2, "share_in_layers": inside[0] / total, "forward_ms": 1e3 * total / iters}
+    return {"layers": len(hooks) // 2, "share_in_layers": statistics.median(shares),
+            "forward_ms": 1e3 * statistics.median(totals)}  # fmt: skip
 
 
 def run_inference(bench: Bench, threads: list[int], args: argparse.Namespace) -> dict[str, Any]:
@@ -370,6 +392,8 @@ def run_inference(bench: Bench, threads: list[int], args: argparse.Namespace) ->
     if "torchao" in outs:
         result["agreement"]["torchao_vs_fp32"] = agreement(outs["fp32"], outs["torchao"])
     iters = args.iters or DEFAULT_ITERS[bench.name]
+    block = args.block or DEFAULT_BLOCK[bench.name]
+    result["block"] = block
     result["iters_per_round"] = iters
     names = list(variants)
     by_threads = {}
@@ -378,7 +402,7 @@ def run_inference(bench: Bench, threads: list[int], args: argparse.Namespace) ->
         rounds = []
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
-            rounds.append(time_inference_round(variants, bench.inputs, order, iters))
+            rounds.append(time_inference_round(variants, bench.inputs, order, iters, block))
             med = {n: statistics.median(rounds[-1][n]["wall_ms"]) for n in names}
             print(f"[{bench.name} {t} thr] round {r} ({order[0]} first): "
                   + ", ".join(f"{n} {med[n]:.2f} ms" for n in names), flush=True)  # fmt: skip
@@ -386,10 +410,21 @@ def run_inference(bench: Bench, threads: list[int], args: argparse.Namespace) ->
         for n in names:
             meds = [statistics.median(rd[n]["wall_ms"]) for rd in rounds]
             cpu = [statistics.median(rd[n]["cpu_ms"]) for rd in rounds]
-            summary[n] = {"median_of_medians_ms": spread(meds), "cpu_median_of_medians_ms": spread(cpu)}
+            summary[n] = {
+                "median_of_medians_ms": spread(meds),
+                "mean_ms": spread([statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]),
+                "cpu_median_of_medians_ms": spread(cpu),
+            }
+            if block > 1:
+                summary[n]["cold_median_of_medians_ms"] = spread(
+                    [statistics.median(rd[n]["cold_wall_ms"]) for rd in rounds]
+                )
             if n != "fp32":
                 summary[n]["speedup_vs_fp32"] = spread(
                     [statistics.median(rd["fp32"]["wall_ms"]) / statistics.median(rd[n]["wall_ms"]) for rd in rounds]
+                )
+                summary[n]["speedup_vs_fp32_means"] = spread(
+                    [statistics.fmean(rd["fp32"]["wall_ms"]) / statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]
                 )
                 summary[n]["cpu_speedup_vs_fp32"] = spread(
                     [statistics.median(rd["fp32"]["cpu_ms"]) / statistics.median(rd[n]["cpu_ms"]) for rd in rounds]
@@ -473,10 +508,11 @@ def run_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="interleaved inference rounds per model and thread count")
-    parser.add_argument("--iters", type=int, default=0, help="timed calls per variant per round (0: per-model default)")
+    parser.add_argument("--iters", type=int, default=0, help="turns per variant per round (0: per-model default)")
+    parser.add_argument("--block", type=int, default=0, help="calls in a row per turn (0: per-model default)")
     parser.add_argument("--threads", default="1", help="comma-separated torch thread counts for inference, e.g. 1,2")
     parser.add_argument("--models", default=",".join(MODELS), help="inference models")
-    parser.add_argument("--share-iters", type=int, default=3, help="forwards timed with per-layer hooks")
+    parser.add_argument("--share-iters", type=int, default=7, help="forwards timed with per-layer hooks (median)")
     parser.add_argument("--train-models", default="mlp,minilm", help="training-step models ('' to skip)")
     parser.add_argument("--train-rounds", type=int, default=0, help="training rounds (0: per-model default)")
     parser.add_argument("--train-steps", type=int, default=0, help="timed steps per config per round (0: default)")
@@ -549,14 +585,16 @@ def _markdown(inference: dict[str, Any], training: dict[str, Any], env: dict[str
             "",
             f"## Inference latency ({args.rounds} interleaved rounds; median of per-round medians [min-max])",
             "",
-            "| model | threads | variant | latency ms | speed-up vs fp32, per round: median [min-max] "
-            "| CPU speed-up (thread_time) | share of time in Linear/Conv layers |",
-            "|---|---|---|---|---|---|---|",
+            "| model | threads | variant | latency ms | speed-up vs fp32: ratio of per-round means, median [min-max] "
+            "| speed-up: ratio of per-round medians | CPU speed-up (thread_time medians) "
+            "| share of time in Linear/Conv layers |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for res in inference.values():
             for t, block in res["by_threads"].items():
                 for variant, s in block["summary"].items():
                     speed = _fmt(s["speedup_vs_fp32"], 2, "x") if "speedup_vs_fp32" in s else "1 (reference)"
+                    means = _fmt(s["speedup_vs_fp32_means"], 2, "x") if "speedup_vs_fp32_means" in s else "1"
                     cpu = _fmt(s["cpu_speedup_vs_fp32"], 2, "x") if "cpu_speedup_vs_fp32" in s else "-"
                     if t != "1":
                         cpu = "- (other threads not counted)" if variant != "fp32" else "-"
@@ -564,7 +602,7 @@ def _markdown(inference: dict[str, Any], training: dict[str, Any], env: dict[str
                     bold = "**" if variant == "int8" else ""
                     lines.append(
                         f"| {res['description']} | {t} | {INFER_LABELS[variant]} | {_fmt(s['median_of_medians_ms'])} "
-                        f"| {bold}{speed}{bold} | {cpu} | {share:.0%} |"
+                        f"| {bold}{means}{bold} | {speed} | {cpu} | {share:.0%} |"
                     )
         lines += [
             "",
@@ -593,6 +631,15 @@ def _markdown(inference: dict[str, Any], training: dict[str, Any], env: dict[str
                 f"{fq['argmax_agreement']:.1%} | {tao} |"
             )
         notes = [f"{name}: {n}" for name, res in inference.items() for n in res["notes"]]
+        for name, res in inference.items():
+            for t, block in res["by_threads"].items():
+                cold = {v: s["cold_median_of_medians_ms"]["median"] for v, s in block["summary"].items()
+                        if "cold_median_of_medians_ms" in s}  # fmt: skip
+                if cold:
+                    notes.append(
+                        f"{name} ({t} thread): first call of each turn of {res['block']} (caches holding the previous "
+                        "variant), median ms: " + ", ".join(f"{v} {ms:.2f}" for v, ms in cold.items())
+                    )
         if notes:
             lines += ["", *(f"- {n}" for n in notes)]
     if training:
