@@ -1,6 +1,70 @@
 """Int8 quantization-aware training: test accuracy of fp32, QAT (fake quant) and the converted int8 model.
 
-DOCSTRING-PLACEHOLDER
+Committed results (benchmarks/results/qat_accuracy.{json,md}) came from:
+
+    .venv/bin/python benchmarks/qat_accuracy.py --epochs 4 --steps 150 --seed 0 --jobs 2 \
+        --configs cnn_fp32,cnn_qat,minilm_fp32,minilm_qat,minilm_torchao,minilm_qat_late
+
+Every process runs `torch.set_num_threads(1)`. With --jobs 2 two processes run at once: one trains the MiniLM
+configurations of the main comparison one after another (so their step times come from one process and the same
+batches), the other each CNN configuration and each accuracy-only variant (`SEPARATE`) in turn. Every configuration
+is seeded on its own (same initial weights, data order and dropout masks), so --jobs changes wall time only.
+Accuracy is measured by this script's own loop (eval mode, argmax) on the test split, for the trained model (fp32, or
+the QAT model with fake quantization in eval mode) and for the int8 model; the share of test examples on which the
+int8 model predicts the same class as the trained model is reported as a consistency check of the convert.
+
+1. Fashion-MNIST, reference CNN (`ImageClassifier(image_size=28)`, conv32-conv64-fc128-fc10), the FACTS.md recipe of
+   pruning_accuracy.py: 4 epochs x 430 steps (T = 1720), Adam 1e-3, batch 128, seed 0, tested on the 10k t10k images.
+   - `cnn_fp32`: no callback.
+   - `cnn_qat`: QuantizationAwareTraining(weight_bits=8, activation_bits=8) on all 4 layers (conv1, conv2, fc1, fc2):
+     weights symmetric per output channel, inputs asymmetric per tensor (moving-average observer), with
+       start_step = 12 % of T (206, ~half an epoch) of observe-only warm-up: at initialisation the activation ranges
+         move fast while the loss falls; after ~200 steps they have settled, so fake quantization starts from
+         representative ranges and still runs for 88 % of training;
+       freeze_observers_step = 75 % of T (1290): the last epoch trains at fixed scales, so the weights adapt to
+         exactly the grid the int8 model will use and a late drift of the moving averages cannot move it;
+       freeze_bn_step = None: the reference CNN has no BatchNorm.
+     The int8 model is `callback.int8_model` (convert_to_int8 at fit end: Int8Conv2d/Int8Linear on oneDNN kernels).
+2. Rotten Tomatoes (`RottenTomatoesDataModule`: 9,808 train / 1,000 val / 2,000 test snippets, max_length 64, batch
+   32), `MiniLMClassifier` (all-MiniLM-L6-v2 + mean pooling + Linear head, AdamW 2e-5, weight decay 0.01), 150
+   optimizer steps (the FACTS.md fine-tune), seed 0; every module in train mode for fit (see `run_minilm`).
+   - `minilm_fp32`: fine-tune without a callback. `minilm_ptq_dynamic`: that same fp32 model after dynamic int8
+     post-training quantization, `torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)` - a
+     deprecated API (torch 2.13 warns), used here only as the baseline.
+   - `minilm_qat`: QuantizationAwareTraining(8, 8) on all 38 nn.Linear layers (encoder Q/K/V/attention output/FFN x 6
+     layers, the pooler, the head), start_step = 10 % (15 steps): the pretrained weights already have meaningful
+     ranges, so the warm-up only seeds the activation ranges; freeze_observers_step = 80 % (120): the last 30 steps
+     train at the final scales.
+   - `minilm_qat_late`: the same with start_step = 50 % (75): fp32 fine-tuning (observing) for the first half, QAT for
+     the second - "QAT as a second phase after the fp32 fine-tune" inside the same step budget (accuracy only; its
+     step time is the same computation as `minilm_qat`'s).
+3. torchao 0.18 QAT on the same MiniLM (`minilm_torchao`), same steps and seed:
+   `quantize_(model, QATConfig(Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
+   weight_granularity=PerAxis(0)), step="prepare"))` before fit swaps every nn.Linear (the same 38) for
+   FakeQuantizedLinear with IntxFakeQuantizeConfig(int8, PerAxis(0), symmetric) weights and IntxFakeQuantizeConfig(
+   int8, "per_token", asymmetric) activations. Both are dynamic (ranges recomputed on every forward, no observers), so
+   there is no warm-up or freezing to choose. After fit, `QATConfig(same base, step="convert")` on a copy gives
+   nn.Linear layers holding IntxUnpackedToInt8Tensor weights with per-token int8 activation quantization; it runs on
+   CPU and is tested like the rest. Note the schemes differ: per-token dynamic activation ranges are finer than our
+   static per-tensor ranges (and cost a range computation per token at inference).
+
+Step time, two ways:
+- In the runs above, a pair of callbacks, the first and the last in the Trainer's list, take `perf_counter` from
+  `on_train_batch_start` to `on_train_batch_end` of every optimizer step (forward, backward, optimizer step and every
+  callback's batch hooks); the first 10 (MiniLM) / 20 (CNN) steps are skipped. Ratios vs fp32 are marked "(other
+  process)" where the two runs were not in the same process. Even within one process the MiniLM runs are ~12 minutes
+  apart, and in the committed run the load of the shared machine fell from ~6 to ~0.5 between fp32 and torchao
+  (whose step looks 0.54x of fp32's): these ratios are load drift, not overhead.
+- `minilm_steptime` (results/qat_accuracy_steptime.{json,md}) measures the overhead:
+
+      .venv/bin/python benchmarks/qat_accuracy.py --configs minilm_steptime --timing-rounds 40 --seed 0 \
+          --name qat_accuracy_steptime
+
+  fp32, our QAT (QuantizationAwareTraining(8, 8).prepare, fake quantization on and observers updating: the state of
+  most QAT steps) and torchao's QAT (the prepare above) copies of one MiniLMClassifier, all in train mode, take
+  training steps strictly in turn on the same batch per round (order rotated per round; plain loop: forward,
+  cross-entropy, backward, AdamW step, zero_grad - the Lightning loop and our callback's two cheap batch hooks are
+  left out), first 3 rounds skipped; per-round ratios vs fp32.
 """
 
 from __future__ import annotations
@@ -27,9 +91,10 @@ from lightning_compress import QuantizationAwareTraining  # noqa: E402
 
 CNN_CONFIGS = ("cnn_fp32", "cnn_qat")
 MINILM_CONFIGS = ("minilm_fp32", "minilm_qat", "minilm_qat_late", "minilm_torchao")
+TIMING_CONFIGS = ("minilm_steptime",)
 #: Accuracy-only variants: each trains in a process of its own (no step-time ratio is taken across processes).
 SEPARATE = ("minilm_qat_late",)
-CONFIGS = CNN_CONFIGS + MINILM_CONFIGS
+CONFIGS = CNN_CONFIGS + MINILM_CONFIGS + TIMING_CONFIGS
 #: Fractions of the training steps at which our QAT starts fake quantization and freezes its observers.
 SCHEDULES = {
     "cnn_qat": (0.12, 0.75),
@@ -248,6 +313,63 @@ def run_minilm(configs: list[str], args: dict[str, Any]) -> list[dict[str, Any]]
     return results
 
 
+def run_steptime(args: dict[str, Any]) -> list[dict[str, Any]]:
+    """fp32, our QAT and torchao's QAT MiniLM take training steps strictly in turn on the same batches (the order
+    rotated every round), so load changes on the shared machine hit all three alike; per-round ratios vs fp32."""
+    import torch.nn.functional as F
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    from lightning_compress.data import RottenTomatoesDataModule
+    from lightning_compress.models import MiniLMClassifier
+
+    set_threads(args["threads"])
+    data = RottenTomatoesDataModule(batch_size=32, seed=args["seed"])
+    data.setup("fit")
+    pl.seed_everything(args["seed"], verbose=False)
+    fp32 = MiniLMClassifier().train()
+    ours, theirs = detached_copy(fp32), detached_copy(fp32)
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8)
+    for layer in qat.prepare(ours).values():
+        layer.enable_fake_quant(True)  # the state of most QAT steps: fake quantization on, observers updating
+    quantize_(theirs, QATConfig(torchao_base_config(), step="prepare"))
+    models = {"fp32": fp32, "ours": ours, "torchao": theirs}
+    optimizers = {name: model.configure_optimizers() for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    batches = iter(data.train_dataloader())
+    names = list(models)
+    for round_ in range(args["timing_rounds"]):
+        batch = next(batches)
+        for name in names[round_ % 3 :] + names[: round_ % 3]:
+            model, optimizer = models[name], optimizers[name]
+            t0 = time.perf_counter()
+            logits, y = model.logits_and_targets(batch)
+            F.cross_entropy(logits, y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            times[name].append(time.perf_counter() - t0)
+        if round_ % 10 == 9:
+            print(f"[minilm_steptime] round {round_ + 1}", flush=True)
+    skip = min(3, args["timing_rounds"] // 5)
+    result: dict[str, Any] = {"config": "minilm_steptime", "model": "minilm", "rounds": args["timing_rounds"]}
+    result["skipped_first_rounds"] = skip
+    for name in names:
+        ms = [1000 * t for t in times[name][skip:]]
+        ratios = [a / b for a, b in zip(times[name][skip:], times["fp32"][skip:], strict=True)]
+        result[name] = {"ms": {**spread(ms), "mean": statistics.fmean(ms)}, "ratio_per_round": spread(ratios)}
+        result[name]["ratio_of_means"] = statistics.fmean(ms) / statistics.fmean(
+            [1000 * t for t in times["fp32"][skip:]]
+        )
+    print(
+        "[minilm_steptime] "
+        + ", ".join(
+            f"{n} {result[n]['ms']['median']:.0f} ms ({result[n]['ratio_per_round']['median']:.3f}x)" for n in names
+        ),
+        flush=True,
+    )
+    return [result]
+
+
 def _report(r: dict[str, Any]) -> None:
     parts = [f"[{r['config']}]"]
     if "test" in r:
@@ -261,7 +383,10 @@ def _report(r: dict[str, Any]) -> None:
 
 def run_group(kind: str, configs: list[str], args: dict[str, Any]) -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    results = run_minilm(configs, args) if kind == "minilm" else run_cnn(configs[0], args)
+    if kind == "steptime":
+        results = run_steptime(args)
+    else:
+        results = run_minilm(configs, args) if kind == "minilm" else run_cnn(configs[0], args)
     for r in results:
         r["process"] = "+".join(configs)
     return results
@@ -277,6 +402,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--limit-train", type=int, default=None, help="cut the Fashion-MNIST training set (smoke)")
     parser.add_argument("--limit-test", type=int, default=None, help="test on the first N test examples (smoke)")
+    parser.add_argument("--timing-rounds", type=int, default=30, help="rounds of minilm_steptime (3 steps each)")
     parser.add_argument("--name", default="qat_accuracy", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
     configs = [c for c in args.configs.split(",") if c]
@@ -288,6 +414,7 @@ def main() -> None:
     minilm = [c for c in configs if c in MINILM_CONFIGS and c not in SEPARATE]
     groups = ([("minilm", minilm)] if minilm else []) + [("cnn", [c]) for c in configs if c in CNN_CONFIGS]
     groups += [("minilm", [c]) for c in configs if c in SEPARATE]
+    groups += [("steptime", [c]) for c in configs if c in TIMING_CONFIGS]
     t0 = time.perf_counter()
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(min(args.jobs, len(groups))) as pool:
@@ -332,10 +459,43 @@ def _compare(results: list[dict[str, Any]]) -> None:
 
 
 def _markdown(results: list[dict[str, Any]], env: dict[str, Any], command: str, args: Any, wall_s: float) -> str:
+    timing = [r for r in results if r["config"] in TIMING_CONFIGS]
+    results = [r for r in results if r["config"] not in TIMING_CONFIGS]
     lines = [
         "# Int8 QAT: test accuracy of fp32, QAT (fake quant) and the converted int8 model",
         "",
         env_markdown(env, command).rstrip(),
+    ]
+    if results:
+        lines += _accuracy_table(results, args, wall_s)
+    for r in timing:
+        lines += _timing_table(r)
+    return "\n".join(lines) + "\n"
+
+
+def _timing_table(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## MiniLM step time, interleaved ({r['rounds']} rounds, first {r['skipped_first_rounds']} skipped)",
+        "",
+        "fp32, our QAT (fake quantization on, observers updating) and torchao's QAT take training steps strictly in"
+        " turn on the same batches (batch 32, 64 tokens, AdamW; order rotated per round) in one process; each step is"
+        " forward + backward + optimizer step, timed with `perf_counter`.",
+        "",
+        "| model | step ms median [min-max] | mean ms | ratio vs fp32 per round: median [min-max] | ratio of means |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("fp32", "ours", "torchao"):
+        ms, ratio = r[name]["ms"], r[name]["ratio_per_round"]
+        lines.append(
+            f"| {name} | {ms['median']:.0f} [{ms['min']:.0f}-{ms['max']:.0f}] | {ms['mean']:.0f} "
+            f"| {ratio['median']:.3f}x [{ratio['min']:.3f}-{ratio['max']:.3f}] | {r[name]['ratio_of_means']:.3f}x |"
+        )
+    return lines
+
+
+def _accuracy_table(results: list[dict[str, Any]], args: Any, wall_s: float) -> list[str]:
+    lines = [
         f"- seed {args.seed}; Fashion-MNIST: reference CNN, {args.epochs} epochs, batch 128, Adam 1e-3, 10k test images"
         f"; Rotten Tomatoes: MiniLMClassifier, {args.steps} steps, batch 32, AdamW 2e-5, 2,000 held-out snippets"
         f"{'' if args.limit_test is None else f' (test cut to {args.limit_test})'}"
@@ -343,7 +503,8 @@ def _markdown(results: list[dict[str, Any]], env: dict[str, Any], command: str, 
         f"; wall time {wall_s / 60:.1f} min with --jobs {args.jobs}",
         "- step time: `on_train_batch_start` -> `on_train_batch_end` per optimizer step, first steps skipped; the"
         " MiniLM configurations ran one after another in one process on the same batches, each CNN"
-        " configuration in its own process",
+        " configuration in its own process. Runs minutes apart on a shared machine see different load, so these"
+        " ratios mix the overhead with load drift; the interleaved `minilm_steptime` measures the overhead",
         "",
         "| configuration | trained model acc % (fp32 / fake-quant eval) | int8 model acc % | int8 vs fp32 (points) "
         "| int8 agrees with trained | step ms median [q1-q3] | step time vs fp32 (medians / means) | fit min "
@@ -379,7 +540,7 @@ def _markdown(results: list[dict[str, Any]], env: dict[str, Any], command: str, 
         " rows the int8 column is empty; `minilm_ptq_dynamic` is the fp32 MiniLM after dynamic int8 post-training"
         " quantization.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":
