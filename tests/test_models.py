@@ -123,6 +123,8 @@ def test_minilm_classifier_forward_and_train_steps(quiet_trainer_kwargs: dict) -
     model = MiniLMClassifier()
     assert type(model.encoder).__name__ == "BertModel"
     assert 22.5e6 < n_params(model.encoder) < 22.9e6
+    # Lightning keeps modules' modes for fit: a pretrained encoder left in eval mode would train without dropout.
+    assert all(module.training for module in model.modules())
     batch = next(iter(dm.train_dataloader()))
     model.eval()
     with torch.no_grad():

@@ -54,6 +54,9 @@ class MiniLMClassifier(ClassifierBase):
         from transformers import AutoModel
 
         self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+        # from_pretrained returns the encoder in eval mode, and Lightning 2.x keeps each module's mode for fit: without
+        # this the encoder would fine-tune with its dropout switched off.
+        self.encoder.train()
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(HIDDEN_SIZE, num_classes)
         # One 64-token sentence (the Rotten Tomatoes default length): FLOPs, latency and the model summary use it.
