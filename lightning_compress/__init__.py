@@ -1,6 +1,7 @@
 """lightning_compress: compress PyTorch Lightning models while they train."""
 
 from lightning_compress.export import CompressedFileError, load_compressed, save_compressed
+from lightning_compress.lowrank import LowRankRefactoring
 from lightning_compress.monitor import CompressionMonitor
 from lightning_compress.pruning import GradualPruning
 from lightning_compress.quantization import QuantizationAwareTraining, convert_to_int8
@@ -10,6 +11,7 @@ __all__ = [
     "CompressedFileError",
     "CompressionMonitor",
     "GradualPruning",
+    "LowRankRefactoring",
     "QuantizationAwareTraining",
     "RecipeError",
     "load_compressed",
