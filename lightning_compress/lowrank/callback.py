@@ -95,6 +95,7 @@ class LowRankRefactoring(Callback):
         self.truncate_at_fit_end = truncate_at_fit_end
         # State: the target rank of each factorised layer (also in checkpoints) and the layers themselves.
         self.target_ranks: dict[str, int] = {}
+        self.full_ranks: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
         self.layers: dict[str, _Factorised] = {}
 
@@ -107,7 +108,7 @@ class LowRankRefactoring(Callback):
 
     def scheduled_rank(self, name: str, step: int) -> int:
         """The effective rank the schedule gives layer ``name`` after ``step`` optimizer steps. Override to change."""
-        full, target = self.layers[name].rank, self.target_ranks[name]
+        full, target = self.full_ranks[name], self.target_ranks[name]
         removed = schedules.value_at(  # the share of components switched off, like a sparsity
             step, schedule=self.schedule, target=1.0 - target / full, start_step=self.start_step,
             end_step=self.end_step, update_every=self.update_every,
@@ -126,6 +127,7 @@ class LowRankRefactoring(Callback):
         if stage != "fit" or self.layers:
             return
         self.layers, self.target_ranks, self.skipped = self.prepare(pl_module)
+        self.full_ranks = {name: layer.rank for name, layer in self.layers.items()}
         for name, reason in self.skipped.items():
             rank_zero_info(f"LowRankRefactoring: {name} stays dense: {reason}.")
 
@@ -143,6 +145,7 @@ class LowRankRefactoring(Callback):
             spectra[name] = LayerSpectrum(name, weight.shape[0], weight.shape[1], singular)
         targets = self._target_ranks(list(spectra.values()))
         skipped = {name: "grouped or non-zero-padded convolution" for name in modules if name not in spectra}
+        skipped.update({name: "no rank makes it smaller" for name in spectra if name not in targets})
         for name, rank in list(targets.items()):
             spectrum = spectra[name]
             if rank > spectrum.break_even_rank:

@@ -57,26 +57,28 @@ def rank_for_energy(spectrum: LayerSpectrum, energy: float) -> int:
 def ranks_for_budget(spectra: list[LayerSpectrum], param_budget: float) -> dict[str, int]:
     """Ranks across layers keeping at most ``param_budget`` of the layers' dense weights, chosen by energy per weight.
 
-    Greedy: every layer starts at rank 1; the next singular direction taken is the one (over all layers) with the
-    most squared singular value (relative to its layer's total) per weight it costs, until the budget is spent. The
-    relative scale makes layers of different magnitudes comparable. Raises ValueError when even rank 1 everywhere
-    exceeds the budget.
+    Layers that no rank makes smaller (``break_even_rank`` 0) stay dense and spend their dense weights; the others
+    start at rank 1, and the next singular direction taken is the one (over all layers) with the most squared
+    singular value (relative to its layer's total) per weight it costs, up to each layer's break-even rank, until the
+    budget is spent. The relative scale makes layers of different magnitudes comparable. Returns the ranks of the
+    layers to factorise; raises ValueError when even rank 1 everywhere exceeds the budget.
     """
     dense = sum(s.dense_params for s in spectra)
     budget = param_budget * dense
-    ranks = {s.name: 1 for s in spectra}
-    spent = sum(s.params_at(1) for s in spectra)
-    if spent > budget:
+    factorisable = [s for s in spectra if s.break_even_rank >= 1]
+    ranks = {s.name: 1 for s in factorisable}
+    spent = sum(s.params_at(1) for s in factorisable) + sum(s.dense_params for s in spectra if s.break_even_rank < 1)
+    if spent > budget or not factorisable:
         raise ValueError(
             f"`param_budget`={param_budget} allows {int(budget):,} weights, but rank 1 in every targeted layer already"
             f" needs {spent:,} (of {dense:,} dense). HINT: raise the budget or target fewer layers."
         )
     candidates = []
-    for s in spectra:
+    for s in factorisable:
         squares = s.singular_values.double().square()
         total = float(squares.sum()) or 1.0
         cost = s.out_features + s.in_features
-        for index in range(1, s.full_rank):
+        for index in range(1, s.break_even_rank):
             candidates.append((float(squares[index]) / total / cost, s.name, index, cost))
     candidates.sort(key=lambda c: -c[0])  # singular values descend, so each layer's directions stay in order
     for _score, name, index, cost in candidates:
