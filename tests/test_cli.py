@@ -113,6 +113,32 @@ def test_the_qat_recipe_checkpoint_converts_to_an_int8_model_that_still_classifi
     assert accuracy > 0.9
 
 
+def test_the_lowrank_recipe_checkpoint_truncates_to_a_smaller_model_that_still_classifies(tmp_path: Path) -> None:
+    """The documented route from a low-rank recipe's checkpoint to the small model: prepare, load, truncate."""
+    from lightning_compress import LowRankRefactoring
+    from lightning_compress.data import DigitsDataModule
+    from lightning_compress.models import ImageClassifier
+
+    recipe = REPO / "recipes/digits_lowrank.yaml"
+    main(["fit", "--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    checkpoint = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=False)
+    torch.manual_seed(0)  # the recipe's seed: the same initial spectra, so the same layers are factorised
+    model = ImageClassifier(image_size=8)
+    lowrank = LowRankRefactoring(param_budget=0.4, start_step=20, end_step=100)
+    lowrank.prepare(model)
+    model.load_state_dict(checkpoint["state_dict"])
+    lowrank.truncate(model)
+    dense_weights = 32 * 9 + 64 * 32 * 9 + 128 * 256 + 10 * 128
+    factors = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("first", "second")))
+    assert factors <= 0.4 * dense_weights
+    data = DigitsDataModule()
+    data.setup("validate")
+    images, labels = (torch.cat(parts) for parts in zip(*data.val_dataloader(), strict=True))
+    with torch.no_grad():
+        accuracy = (model.eval()(images).argmax(1) == labels).float().mean()
+    assert accuracy > 0.85
+
+
 @pytest.mark.slow
 def test_fit_runs_the_fashion_mnist_recipe_on_the_real_data(tmp_path: Path) -> None:
     main(
