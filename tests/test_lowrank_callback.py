@@ -118,10 +118,10 @@ def test_the_monitor_logs_fewer_parameters_as_the_rank_falls(quiet_trainer_kwarg
 
 def test_a_layer_that_would_not_get_smaller_stays_dense_and_says_why() -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 4))
-    layers, targets, skipped = LowRankRefactoring(rank_ratio=0.45, end_step=10).prepare(model)
-    assert list(layers) == ["0", "2"] and targets == {"0": 29, "2": 2}
+    layers, targets, skipped = LowRankRefactoring(rank_ratio=0.4, end_step=10).prepare(model)
+    assert list(layers) == ["0", "2"] and targets == {"0": 26, "2": 2}
     assert skipped == {
-        "4": "its target rank 2 would hold 16 weights in two factors, not fewer than its 16 dense weights"
+        "4": "its target rank 2 would hold 16 weights in two factors, against 16 dense: not `min_saving`=0.1 fewer"
     }
     assert type(model[4]) is nn.Linear
 
@@ -148,6 +148,7 @@ def test_a_global_budget_is_kept_and_goes_where_the_spectrum_is_rich() -> None:
         ({"rank_ratio": 0.5, "start_step": 10, "end_step": 10}, r"`end_step` must be an integer step after"),
         ({"rank_ratio": 0.5, "end_step": 10, "schedule": "fast"}, r"`schedule` must be one of cubic, linear"),
         ({"rank_ratio": 0.5, "end_step": 10, "update_every": 0}, r"`update_every` must be an integer >= 1; got 0"),
+        ({"rank_ratio": 0.5, "end_step": 10, "min_saving": 1.0}, r"`min_saving` must be a number in \[0, 1\); got 1.0"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:

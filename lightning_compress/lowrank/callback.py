@@ -47,6 +47,8 @@ class LowRankRefactoring(Callback):
         include: regular expressions (whole qualified names) of layers to factorise; default every Linear/Conv2d.
         exclude: regular expressions of layers to keep dense.
         truncate_at_fit_end: replace each factorised layer by its truncated copy when fit ends.
+        min_saving: a layer is factorised only if its factors hold at least this share fewer weights than the dense
+            layer (two thin matmuls that save almost nothing are slower than one); in [0, 1).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class LowRankRefactoring(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         truncate_at_fit_end: bool = True,
+        min_saving: float = 0.1,
     ) -> None:
         given = {"rank_ratio": rank_ratio, "energy": energy, "param_budget": param_budget}
         chosen = {k: v for k, v in given.items() if v is not None}
@@ -93,6 +96,9 @@ class LowRankRefactoring(Callback):
         self.include, self.exclude = include, exclude
         self.targeting = Targeting.from_arguments(include, exclude, layer_types=FACTORISABLE)
         self.truncate_at_fit_end = truncate_at_fit_end
+        if isinstance(min_saving, bool) or not isinstance(min_saving, (int, float)) or not 0.0 <= min_saving < 1.0:
+            raise ValueError(f"`min_saving` must be a number in [0, 1); got {min_saving!r}. HINT: 0.1 = 10 % fewer.")
+        self.min_saving = float(min_saving)
         # State: the target rank of each factorised layer (also in checkpoints) and the layers themselves.
         self.target_ranks: dict[str, int] = {}
         self.full_ranks: dict[str, int] = {}
@@ -145,13 +151,19 @@ class LowRankRefactoring(Callback):
             spectra[name] = LayerSpectrum(name, weight.shape[0], weight.shape[1], singular)
         targets = self._target_ranks(list(spectra.values()))
         skipped = {name: "grouped or non-zero-padded convolution" for name in modules if name not in spectra}
-        skipped.update({name: "no rank makes it smaller" for name in spectra if name not in targets})
+        skipped.update(
+            {
+                name: f"no rank makes it `min_saving`={self.min_saving:g} smaller"
+                for name in spectra
+                if name not in targets
+            }
+        )
         for name, rank in list(targets.items()):
             spectrum = spectra[name]
-            if rank > spectrum.break_even_rank:
+            if rank > spectrum.max_useful_rank(self.min_saving):
                 skipped[name] = (
-                    f"its target rank {rank} would hold {spectrum.params_at(rank):,} weights in two factors, not fewer"
-                    f" than its {spectrum.dense_params:,} dense weights"
+                    f"its target rank {rank} would hold {spectrum.params_at(rank):,} weights in two factors, against"
+                    f" {spectrum.dense_params:,} dense: not `min_saving`={self.min_saving:g} fewer"
                 )
                 del targets[name]
         if not targets:
@@ -174,7 +186,7 @@ class LowRankRefactoring(Callback):
 
     def _target_ranks(self, spectra: list[LayerSpectrum]) -> dict[str, int]:
         if self.criterion == "param_budget":
-            return ranks_for_budget(spectra, self.value)
+            return ranks_for_budget(spectra, self.value, self.min_saving)
         pick = rank_for_ratio if self.criterion == "rank_ratio" else rank_for_energy
         return {s.name: pick(s, self.value) for s in spectra}
 

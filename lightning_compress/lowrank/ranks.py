@@ -38,6 +38,11 @@ class LayerSpectrum:
         """The largest rank whose factors hold fewer weights than the dense matrix (0: none does)."""
         return (self.dense_params - 1) // (self.out_features + self.in_features)
 
+    def max_useful_rank(self, min_saving: float) -> int:
+        """The largest rank whose factors save at least ``min_saving`` of the dense weights (and at least one)."""
+        cap = math.floor((1.0 - min_saving) * self.dense_params / (self.out_features + self.in_features) + 1e-9)
+        return min(cap, self.break_even_rank)
+
 
 def rank_for_ratio(spectrum: LayerSpectrum, rank_ratio: float) -> int:
     """``ceil(rank_ratio * full rank)``, at least 1."""
@@ -54,20 +59,22 @@ def rank_for_energy(spectrum: LayerSpectrum, energy: float) -> int:
     return max(1, int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64) - 1e-12)) + 1)
 
 
-def ranks_for_budget(spectra: list[LayerSpectrum], param_budget: float) -> dict[str, int]:
+def ranks_for_budget(spectra: list[LayerSpectrum], param_budget: float, min_saving: float = 0.0) -> dict[str, int]:
     """Ranks across layers keeping at most ``param_budget`` of the layers' dense weights, chosen by energy per weight.
 
-    Layers that no rank makes smaller (``break_even_rank`` 0) stay dense and spend their dense weights; the others
-    start at rank 1, and the next singular direction taken is the one (over all layers) with the most squared
-    singular value (relative to its layer's total) per weight it costs, up to each layer's break-even rank, until the
-    budget is spent. The relative scale makes layers of different magnitudes comparable. Returns the ranks of the
-    layers to factorise; raises ValueError when even rank 1 everywhere exceeds the budget.
+    Layers that no rank makes ``min_saving`` smaller (``max_useful_rank`` 0) stay dense and spend their dense weights;
+    the others start at rank 1, and the next singular direction taken is the one (over all layers) with the most
+    squared singular value (relative to its layer's total) per weight it costs, up to each layer's
+    ``max_useful_rank``, until the budget is spent. The relative scale makes layers of different magnitudes
+    comparable. Returns the ranks of the layers to factorise; raises ValueError when even rank 1 everywhere exceeds
+    the budget.
     """
     dense = sum(s.dense_params for s in spectra)
     budget = param_budget * dense
-    factorisable = [s for s in spectra if s.break_even_rank >= 1]
+    factorisable = [s for s in spectra if s.max_useful_rank(min_saving) >= 1]
     ranks = {s.name: 1 for s in factorisable}
-    spent = sum(s.params_at(1) for s in factorisable) + sum(s.dense_params for s in spectra if s.break_even_rank < 1)
+    kept_dense = sum(s.dense_params for s in spectra if s.max_useful_rank(min_saving) < 1)
+    spent = sum(s.params_at(1) for s in factorisable) + kept_dense
     if spent > budget or not factorisable:
         raise ValueError(
             f"`param_budget`={param_budget} allows {int(budget):,} weights, but rank 1 in every targeted layer already"
@@ -78,7 +85,7 @@ def ranks_for_budget(spectra: list[LayerSpectrum], param_budget: float) -> dict[
         squares = s.singular_values.double().square()
         total = float(squares.sum()) or 1.0
         cost = s.out_features + s.in_features
-        for index in range(1, s.break_even_rank):
+        for index in range(1, s.max_useful_rank(min_saving)):
             candidates.append((float(squares[index]) / total / cost, s.name, index, cost))
     candidates.sort(key=lambda c: -c[0])  # singular values descend, so each layer's directions stay in order
     for _score, name, index, cost in candidates:
