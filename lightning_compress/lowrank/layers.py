@@ -82,18 +82,23 @@ class _Factorised(nn.Module):
     def _masked(self, hidden: torch.Tensor, channel_dim: int) -> torch.Tensor:
         if self._active == self.rank:
             return hidden
-        if self._multiplier is None or self._multiplier.dtype != hidden.dtype:
-            shape = [1] * hidden.dim()
-            shape[channel_dim] = -1
-            self._multiplier = self.rank_mask.to(hidden.dtype).reshape(shape)
-        return hidden * self._multiplier.to(hidden.device)
+        if (
+            self._multiplier is None
+            or self._multiplier.dtype != hidden.dtype
+            or self._multiplier.device != hidden.device
+        ):
+            self._multiplier = self.rank_mask.to(device=hidden.device, dtype=hidden.dtype)
+        shape = [1] * hidden.dim()
+        shape[channel_dim] = -1
+        return hidden * self._multiplier.reshape(shape)
 
-    def _dense_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+    def dense_weight_shape(self) -> tuple[int, ...]:
+        """The shape of the dense weight the factors replace."""
+        raise NotImplementedError  # each layer class defines it
 
     def compression_figures(self) -> LayerFigures:
         """Effective parameters are the active components' factor weights; FLOPs scale the same way."""
-        shape = self._dense_shape()
+        shape = self.dense_weight_shape()
         dense = math.prod(shape)
         out, per_output = shape[0], dense // shape[0]
         effective = self._active * (out + per_output)
@@ -147,7 +152,9 @@ class LowRankLinear(_Factorised):
         with gathered(params):
             out_features, in_features = full_shape(linear.weight)
             first, second, singular = factor(linear.weight)
-            layer = cls(in_features, out_features, first.shape[0], linear.bias is not None).to(first.device)
+            layer = cls(in_features, out_features, first.shape[0], linear.bias is not None).to(
+                first.device, first.dtype
+            )
             with torch.no_grad():
                 layer.first.copy_(first)
                 layer.second.copy_(second)
@@ -159,7 +166,7 @@ class LowRankLinear(_Factorised):
         """A physically smaller copy holding only the active components (not collective: gather first)."""
         first, second = self._active_factors()
         out = LowRankLinear(self.in_features, self.out_features, first.shape[0], self.bias is not None)
-        out = out.to(first.device)
+        out = out.to(first.device, first.dtype)
         with torch.no_grad():
             out.first.copy_(first)
             out.second.copy_(second)
@@ -172,7 +179,7 @@ class LowRankLinear(_Factorised):
         return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
                 "bias": self.bias is not None}  # fmt: skip
 
-    def _dense_shape(self) -> tuple[int, ...]:
+    def dense_weight_shape(self) -> tuple[int, ...]:
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +227,7 @@ class LowRankConv2d(_Factorised):
             first, second, singular = factor(conv.weight.reshape(out_channels, -1))
             padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
             layer = cls(in_channels, out_channels, list(kernel), first.shape[0], list(conv.stride), padding,
-                        list(conv.dilation), conv.bias is not None).to(first.device)  # fmt: skip
+                        list(conv.dilation), conv.bias is not None).to(first.device, first.dtype)  # fmt: skip
             with torch.no_grad():
                 layer.first.copy_(first.reshape(layer.first.shape))
                 layer.second.copy_(second)
@@ -232,7 +239,7 @@ class LowRankConv2d(_Factorised):
         """A physically smaller copy holding only the active components (not collective: gather first)."""
         first, second = self._active_factors()
         args = {**self.rebuild_args(), "rank": first.shape[0]}
-        out = LowRankConv2d(**args).to(first.device)
+        out = LowRankConv2d(**args).to(first.device, first.dtype)
         with torch.no_grad():
             out.first.copy_(first)
             out.second.copy_(second)
@@ -247,7 +254,7 @@ class LowRankConv2d(_Factorised):
                 "kernel_size": list(self.kernel_size), "rank": self.rank, "stride": list(self.stride),
                 "padding": padding, "dilation": list(self.dilation), "bias": self.bias is not None}  # fmt: skip
 
-    def _dense_shape(self) -> tuple[int, ...]:
+    def dense_weight_shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

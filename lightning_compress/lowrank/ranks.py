@@ -45,8 +45,8 @@ class LayerSpectrum:
 
 
 def rank_for_ratio(spectrum: LayerSpectrum, rank_ratio: float) -> int:
-    """``ceil(rank_ratio * full rank)``, at least 1."""
-    return max(1, math.ceil(rank_ratio * spectrum.full_rank))
+    """``ceil(rank_ratio * full rank)``, at least 1 (a product a rounding error above an integer is that integer)."""
+    return max(1, math.ceil(rank_ratio * spectrum.full_rank - 1e-9))
 
 
 def rank_for_energy(spectrum: LayerSpectrum, energy: float) -> int:

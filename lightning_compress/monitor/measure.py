@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_compress.distributed import gathered
+from lightning_compress.distributed import full_shape, gathered
 from lightning_compress.protocol import (
     MEASURED_LAYERS,
     DescribesCompression,
@@ -83,7 +83,8 @@ def measure_model(model: nn.Module, example_input: Any = None) -> ModelReport:
     """Measure ``model`` (collective under ZeRO-3: every rank must call it)."""
     from lightning_compress.packing import packed_nbytes
 
-    flops_total, layer_flops = count_flops(model, example_input) if example_input is not None else (None, {})
+    counted = count_flops(model, example_input) if example_input is not None else None
+    layer_flops = counted.dense if counted is not None else {}
     layers = []
     params_dense = params_effective = bytes_dense = bytes_compressed = 0
     reported: set[int] = set()  # tensors of layers that report their own storage
@@ -110,18 +111,29 @@ def measure_model(model: nn.Module, example_input: Any = None) -> ModelReport:
         bytes_dense += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
         bytes_compressed += packed_nbytes(tensor.detach())
     flops_effective = None
-    if flops_total is not None:
-        dense_measured = sum(layer.flops_dense or 0 for layer in layers)
-        effective_measured = sum(layer.flops_effective or 0 for layer in layers)
-        flops_total = max(flops_total, dense_measured)
-        flops_effective = flops_total - dense_measured + effective_measured
+    flops_total = None
+    if counted is not None:  # what ran outside the measured layers, plus each layer's dense / effective FLOPs
+        outside = counted.total - sum(counted.executed.get(layer.name, 0) for layer in layers)
+        flops_total = outside + sum(layer.flops_dense or 0 for layer in layers)
+        flops_effective = outside + sum(layer.flops_effective or 0 for layer in layers)
     return ModelReport(
         tuple(layers), params_dense, params_effective, bytes_dense, bytes_compressed, flops_total, flops_effective
     )
 
 
-def count_flops(model: nn.Module, example_input: Any) -> tuple[int, dict[str, int]]:
-    """(total FLOPs of one forward pass, dense FLOPs of each Linear/Conv/compressed layer by name)."""
+@dataclass(frozen=True)
+class FlopCount:
+    """One forward pass: ``total`` FLOPs counted, and per measured layer (by qualified name) its ``dense`` FLOPs
+    (what the dense layer would cost) and the FLOPs ``executed`` inside it (factors at full rank, fake quantization's
+    float matmul; 0 for integer kernels, which the counter does not see)."""
+
+    total: int
+    dense: dict[str, int]
+    executed: dict[str, int]
+
+
+def count_flops(model: nn.Module, example_input: Any) -> FlopCount:
+    """Count one forward pass of ``example_input`` (see :class:`FlopCount`)."""
     per_layer: dict[str, int] = {}
 
     def hook(name: str) -> Callable[..., None]:
@@ -141,7 +153,10 @@ def count_flops(model: nn.Module, example_input: Any) -> tuple[int, dict[str, in
     finally:
         for handle in handles:
             handle.remove()
-    return int(counter.get_total_flops()), per_layer
+    by_module = counter.get_flop_counts()  # keyed "<root class name>.<qualified name>"
+    root = type(model).__name__
+    executed = {name: int(sum(by_module.get(f"{root}.{name}", {}).values())) for name in per_layer}
+    return FlopCount(int(counter.get_total_flops()), per_layer, executed)
 
 
 def measure_latency_ms(model: nn.Module, example_input: Any, repeats: int = 20, warmup: int = 3) -> float:
@@ -178,12 +193,17 @@ def run_forward(model: nn.Module, example_input: Any) -> Any:
 
 
 def _dense_flops(module: nn.Module, output: torch.Tensor) -> int:
+    """2 multiply-adds per weight an output element reads: ``2 x in/groups x kernel size x output elements``."""
     if isinstance(module, nn.Linear):
         return 2 * module.in_features * output.numel()
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         kernel = torch.Size(module.kernel_size).numel()
         return 2 * (module.in_channels // module.groups) * kernel * output.numel()
-    return 0  # a DescribesCompression layer of another kind reports its own FLOPs through its figures
+    if isinstance(module, DescribesCompression):  # quantized, factorised...: the dense weight they stand for
+        dense_shape = getattr(module, "dense_weight_shape", None)
+        shape = dense_shape() if dense_shape is not None else full_shape(module.weight)  # no gather: shapes only
+        return 2 * torch.Size(shape[1:]).numel() * output.numel()
+    return 0
 
 
 def _full_tensors(model: nn.Module, skip: set[int]) -> Iterator[torch.Tensor]:
