@@ -28,7 +28,7 @@ class LowRankRefactoring(Callback):
     ``start_step`` to ``end_step`` the effective rank of each layer falls along ``schedule`` (on the ``update_every``
     grid) to its target, dropping the components that contribute least (``||first_i|| * ||second_i||``); shapes do
     not change, so DDP and DeepSpeed keep their parameters. At the end of ``fit`` each layer is truncated to its
-    active components (skipped under ZeRO-3: the weights are partitioned).
+    active components (not under DeepSpeed: see ``truncate_at_fit_end``).
 
     Exactly one target: ``rank_ratio`` (each layer keeps that fraction of its full rank), ``energy`` (each layer
     keeps the fewest singular directions holding that share of its squared singular values), or ``param_budget``
@@ -46,7 +46,8 @@ class LowRankRefactoring(Callback):
         schedule: ``cubic`` (fast first, gentle near the target), ``linear``, ``exponential`` or ``constant``.
         include: regular expressions (whole qualified names) of layers to factorise; default every Linear/Conv2d.
         exclude: regular expressions of layers to keep dense.
-        truncate_at_fit_end: replace each factorised layer by its truncated copy when fit ends.
+        truncate_at_fit_end: replace each factorised layer by its truncated copy when fit ends (not under DeepSpeed,
+            whose engine keeps the full-size factors: consolidate the checkpoint, ``prepare``, ``truncate``).
         min_saving: a layer is factorised only if its factors hold at least this share fewer weights than the dense
             layer (two thin matmuls that save almost nothing are slower than one); in [0, 1).
     """
@@ -204,10 +205,12 @@ class LowRankRefactoring(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.truncate_at_fit_end or not self.layers:
             return
-        if any(distributed.is_zero3_partitioned(layer.first) for layer in self.layers.values()):
+        if _uses_deepspeed(trainer):
             rank_zero_info(
-                "LowRankRefactoring: the factors are ZeRO-3 partitioned, so they are not truncated at fit end. Load the"
-                " consolidated checkpoint into the model and call `truncate(model)`."
+                "LowRankRefactoring: under DeepSpeed the layers are not truncated at fit end (the engine and its fp32"
+                " master copy keep the full-size factors, so a checkpoint saved afterwards would disagree with itself)."
+                " Consolidate the checkpoint (zero_to_fp32), load it into a model prepared with `prepare(model)`, and"
+                " call `truncate(model)`."
             )
             return
         self.truncate(pl_module)
@@ -253,3 +256,9 @@ class LowRankRefactoring(Callback):
             changed[name] = rank
         if changed:
             events.publish(trainer, events.CompressionEvent(step, self.state_key, "lowrank", {"ranks": changed}))
+
+
+def _uses_deepspeed(trainer: pl.Trainer) -> bool:
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
