@@ -1,0 +1,498 @@
+"""Low-rank refactoring of MiniLM's encoder: Linear parameters kept, test accuracy after fine-tuning, CPU latency.
+
+Committed results came from (benchmarks/results/lowrank_accuracy.{json,md}, the 150-step recipe of qat_accuracy.py):
+
+    .venv/bin/python benchmarks/lowrank_accuracy.py --steps 150 --seed 0 --jobs 2 \
+        --configs minilm_fp32,lowrank_budget48,lowrank_ratio32,lowrank_budget48_ramp
+
+and, with twice the steps for both the dense and the low-rank fine-tune (benchmarks/results/lowrank_accuracy_300.*):
+
+    .venv/bin/python benchmarks/lowrank_accuracy.py --steps 300 --seed 0 --jobs 2 --rounds 6 \
+        --configs minilm_fp32,lowrank_budget48 --name lowrank_accuracy_300
+
+Every process runs `torch.set_num_threads(1)`. The recipe is qat_accuracy.py's MiniLM fine-tune: Rotten Tomatoes
+(`RottenTomatoesDataModule`: 9,808 train / 1,000 val / 2,000 test snippets, max_length 64, batch 32),
+`MiniLMClassifier` (all-MiniLM-L6-v2 + mean pooling + Linear head, AdamW 2e-5, weight decay 0.01, every module in
+train mode), `--steps` optimizer steps, seed 0. Each configuration is a fit of its own, seeded the same way (same
+initial weights, data order and dropout masks), in a process of its own (`--jobs` runs that many at once; it changes
+wall time only). Accuracy is this script's own loop (eval mode, argmax) over the 2,000 test snippets.
+
+Configurations (`LOWRANK` below holds the exact arguments):
+- `minilm_fp32`: dense fine-tune, no callback.
+- `lowrank_*`: `LowRankRefactoring(..., include=[r"encoder\\.encoder\\.layer\\..*"])`, i.e. the 36 Linear layers of
+  the 6 encoder blocks (query, key, value, attention output, intermediate, output; the pooler and the head stay
+  dense). At setup each becomes its full-rank SVD factorisation of the *pretrained* weights (FACTS.md: refactor
+  trained weights, not a random initialisation), the effective rank falls on the cubic schedule from `start_step` to
+  `end_step` (every `update_every` steps), fine-tuning goes on at the target ranks for the remaining steps, and at fit
+  end the callback truncates every layer to its active components. The target:
+  - `lowrank_budget48`: `param_budget=0.48`: the 36 layers together keep at most 48 % of their dense weights, ranks
+    allocated across layers by singular-value energy per weight (0.48 rather than 0.5 so that the reduction stays
+    >= 50 % with the biases, which the factorisation keeps, counted in);
+  - `lowrank_ratio32`: `rank_ratio=0.32`: every layer keeps ceil(0.32 * 384) = 123 of its 384 directions (uniform;
+    48 % of the weights);
+  - `lowrank_energy72`: `energy=0.72`: each layer keeps the fewest directions holding 72 % of its squared singular
+    values (46.5 % of the weights on the pretrained encoder; not in the committed results);
+  - schedules are fractions of `--steps`: start 0, end 0.6, a rank update every 10 steps (at 150 steps the ranks fall
+    during the first 90 steps, then 60 steps at the target); `_ramp`: end 0.33, every 5 steps (50 steps of ramp,
+    100 at the target).
+
+What is reported per configuration, counted from the trained model after fit (so from the truncated layers): the
+encoder Linear parameters (weights and biases of the 36 layers; weights alone too) dense vs now, the reduction, every
+layer's rank (summary min/median/max, and the median per layer kind), test accuracy and the drop vs `minilm_fp32`,
+fit time and step time (`on_train_batch_start` -> `on_train_batch_end`; runs in parallel processes on a shared
+machine, so only indicative).
+
+Latency (a final step in the main process, after every fit, when the machine is quieter): the whole MiniLMClassifier
+forward (eval mode, `torch.inference_mode`, 1 torch thread) on the first 16 test snippets (16 x 64 tokens, padded as
+in training), for the fine-tuned dense model and each fine-tuned truncated model (the very models that were tested,
+saved by the fit processes into a temporary folder). Interleaved rounds as in int8_speed.py: every round gives the
+variants turns strictly in order (one untimed warm-up call each, then `--iters` turns of one timed call each), the
+order rotated each round, so load bursts on the shared machine hit every variant within a fraction of a second.
+Headline: the speed-up dense / low-rank as the ratio of the round's mean latencies, median [min-max] over
+`--rounds` rounds; the ratio of per-round medians and of thread CPU time (`time.thread_time`, which does not count
+time other jobs held the core) are kept too. An output check first: every variant's logits against the dense
+model's are reported (they differ: the models were fine-tuned separately), and the truncated model's forward runs
+through `LowRankLinear` with all components active (no rank mask multiply left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import multiprocessing as mp
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import QUIET, env_markdown, environment, set_threads, spread, write_results  # noqa: E402
+
+from lightning_compress.lowrank import LowRankLinear, LowRankRefactoring  # noqa: E402
+
+ENCODER_LINEARS = r"encoder\.encoder\.layer\..*"
+#: Low-rank configurations: LowRankRefactoring's target and its schedule (start/end as fractions of --steps).
+LOWRANK: dict[str, dict[str, Any]] = {
+    "lowrank_budget48": {"target": {"param_budget": 0.48}, "start": 0.0, "end": 0.6, "update_every": 10},
+    "lowrank_ratio32": {"target": {"rank_ratio": 0.32}, "start": 0.0, "end": 0.6, "update_every": 10},
+    "lowrank_budget48_late": {"target": {"param_budget": 0.48}, "start": 0.2, "end": 0.8, "update_every": 10},
+    "lowrank_budget48_ramp": {"target": {"param_budget": 0.48}, "start": 0.0, "end": 0.33, "update_every": 5},
+    "lowrank_ratio32_ramp": {"target": {"rank_ratio": 0.32}, "start": 0.0, "end": 0.33, "update_every": 5},
+    "lowrank_energy72": {"target": {"energy": 0.72}, "start": 0.0, "end": 0.6, "update_every": 10},
+    "lowrank_energy72_ramp": {"target": {"energy": 0.72}, "start": 0.0, "end": 0.33, "update_every": 5},
+}
+FIT_CONFIGS = ("minilm_fp32", *LOWRANK)
+CONFIGS = (*FIT_CONFIGS, "latency")
+KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+         "intermediate.dense", "output.dense")  # fmt: skip
+
+
+class Progress(pl.Callback):
+    def __init__(self, config: str, every: int) -> None:
+        self.config, self.every, self.t0 = config, every, time.perf_counter()
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._t)
+        if trainer.global_step % self.every == 0:
+            loss = trainer.callback_metrics.get("train/loss")
+            print(
+                f"[{self.config}] step {trainer.global_step} at {time.perf_counter() - self.t0:.0f} s, "
+                f"train/loss {float(loss) if loss is not None else float('nan'):.3f}",
+                flush=True,
+            )
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that leaves a LightningModule's Trainer behind."""
+    trainer = model.__dict__.get("_trainer")
+    return copy.deepcopy(model, {} if trainer is None else {id(trainer): None})
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, limit: int | None) -> dict[str, Any]:
+    """Accuracy over the test loader (first ``limit`` examples if set) and the wall time."""
+    model.eval()
+    preds, targets, seen = [], [], 0
+    t0 = time.perf_counter()
+    for batch in loader:
+        logits, y = model.logits_and_targets(batch)
+        preds.append(logits.argmax(-1))
+        targets.append(y)
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            break
+    pred, target = torch.cat(preds), torch.cat(targets)
+    if limit is not None:
+        pred, target = pred[:limit], target[:limit]
+    return {"acc": float((pred == target).float().mean()), "n": len(target), "eval_s": time.perf_counter() - t0}
+
+
+def encoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The encoder blocks' Linear layers, dense or factorised, by qualified name."""
+    pattern = re.compile(ENCODER_LINEARS)
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if pattern.fullmatch(name) and isinstance(module, (nn.Linear, LowRankLinear))
+    }
+
+
+def linear_figures(model: nn.Module) -> dict[str, Any]:
+    """Parameters (all, and weights alone) of the encoder Linear layers as they are now, and each layer's rank."""
+    layers = encoder_linears(model)
+    params = sum(p.numel() for m in layers.values() for p in m.parameters())
+    biases = sum(m.bias.numel() for m in layers.values() if m.bias is not None)
+    ranks, active, dense_shapes = {}, {}, {}
+    for name, m in layers.items():
+        if isinstance(m, LowRankLinear):
+            ranks[name], active[name] = m.rank, m.active_rank
+            dense_shapes[name] = (m.out_features, m.in_features)
+        else:
+            dense_shapes[name] = tuple(m.weight.shape)
+    return {
+        "layers": len(layers),
+        "factorised": len(ranks),
+        "params": params,
+        "weights": params - biases,
+        "ranks": ranks,
+        "active_ranks_equal_held": all(active[n] == ranks[n] for n in ranks),
+        "dense_shapes": {n: list(s) for n, s in dense_shapes.items()},
+    }
+
+
+def rank_summary(ranks: dict[str, int]) -> dict[str, Any]:
+    values = list(ranks.values())
+    if not values:
+        return {}
+    by_kind = {}
+    for kind in KINDS:
+        kind_values = [r for n, r in ranks.items() if re.fullmatch(r".*layer\.\d+\." + re.escape(kind), n)]
+        if kind_values:
+            by_kind[kind] = {"min": min(kind_values), "median": statistics.median(kind_values),
+                             "max": max(kind_values)}  # fmt: skip
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "by_kind": by_kind}
+
+
+def lowrank_callback(config: str, total: int) -> tuple[LowRankRefactoring, dict[str, Any]]:
+    spec = LOWRANK[config]
+    start = round(spec["start"] * total)
+    end = max(start + 1, round(spec["end"] * total))
+    schedule = {**spec["target"], "start_step": start, "end_step": end, "update_every": spec["update_every"],
+                "schedule": "cubic", "include": [ENCODER_LINEARS]}  # fmt: skip
+    return LowRankRefactoring(**schedule), schedule
+
+
+def run_fit(config: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One fine-tune in this process: fit, count, test, and save the trained model for the latency step."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    from lightning_compress.data import RottenTomatoesDataModule
+    from lightning_compress.models import MiniLMClassifier
+
+    set_threads(args["threads"])
+    data = RottenTomatoesDataModule(batch_size=32, seed=args["seed"])
+    data.setup("fit")
+    total = args["steps"]
+    pl.seed_everything(args["seed"], verbose=False)
+    model = MiniLMClassifier()
+    dense = linear_figures(model)
+    result: dict[str, Any] = {"config": config, "steps": total}
+    callbacks: list[pl.Callback] = []
+    if config in LOWRANK:
+        callback, result["schedule"] = lowrank_callback(config, total)
+        callbacks.append(callback)
+    model.train()  # MiniLMClassifier does this itself now; kept explicit, as in qat_accuracy.py
+    pl.seed_everything(args["seed"], verbose=False)  # same dropout masks in every configuration
+    progress = Progress(config, every=25)
+    trainer = pl.Trainer(callbacks=[*callbacks, progress], max_steps=total, **QUIET)
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    result["fit_s"] = time.perf_counter() - t0
+    kept = [1000 * t for t in progress.times[min(10, total // 5) :]] or [1000 * t for t in progress.times]
+    result["step_ms"] = {**spread(kept), "mean": statistics.fmean(kept)}
+    now = linear_figures(model)
+    result["encoder_linear"] = {
+        "layers": dense["layers"],
+        "factorised": now["factorised"],
+        "params_dense": dense["params"],
+        "params_now": now["params"],
+        "reduction": 1 - now["params"] / dense["params"],
+        "weights_dense": dense["weights"],
+        "weights_now": now["weights"],
+        "weight_reduction": 1 - now["weights"] / dense["weights"],
+        "truncated": now["active_ranks_equal_held"],
+    }
+    if config in LOWRANK:
+        result["ranks"] = now["ranks"]
+        result["rank_summary"] = rank_summary(now["ranks"])
+        result["target_ranks_match"] = now["ranks"] == callback.target_ranks
+    result["test"] = evaluate(model, data.test_dataloader(), args["limit_test"])
+    torch.save(detached_copy(model).eval(), Path(args["save_dir"]) / f"{config}.pt")
+    _report(result)
+    return result
+
+
+def _report(r: dict[str, Any]) -> None:
+    e = r["encoder_linear"]
+    parts = [
+        f"[{r['config']}] test acc {100 * r['test']['acc']:.2f} %",
+        f"encoder Linear params {e['params_dense']:,} -> {e['params_now']:,} ({100 * e['reduction']:.1f} % fewer)",
+        f"fit {r['fit_s'] / 60:.1f} min",
+    ]
+    if "rank_summary" in r:
+        s = r["rank_summary"]
+        parts.append(f"ranks {s['min']}/{s['median']}/{s['max']}")
+    print(", ".join(parts), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- latency
+def latency_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from lightning_compress.data import RottenTomatoesDataModule
+
+    data = RottenTomatoesDataModule(batch_size=32, seed=seed)
+    data.setup("test")
+    return data.test_set.input_ids[:16].clone(), data.test_set.attention_mask[:16].clone()
+
+
+def time_round(variants: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], order: list[str], iters: int):
+    out = {name: {"wall_ms": [], "cpu_ms": []} for name in order}
+    gc.collect()
+    with torch.inference_mode():
+        for name in order:  # warm-up
+            variants[name](*inputs)
+        for _ in range(iters):
+            for name in order:
+                c0, t0 = time.thread_time(), time.perf_counter()
+                variants[name](*inputs)
+                out[name]["wall_ms"].append(1e3 * (time.perf_counter() - t0))
+                out[name]["cpu_ms"].append(1e3 * (time.thread_time() - c0))
+    return out
+
+
+def run_latency(configs: list[str], args: dict[str, Any]) -> dict[str, Any]:
+    """Dense vs each truncated model, whole forward, interleaved rounds (see the header)."""
+    set_threads(1)
+    save_dir = Path(args["save_dir"])
+    variants: dict[str, nn.Module] = {}
+    source = {}
+    for config in ["minilm_fp32", *[c for c in configs if c in LOWRANK]]:
+        path = save_dir / f"{config}.pt"
+        if path.exists():
+            variants[config] = torch.load(path, weights_only=False).eval()
+            source[config] = "fine-tuned in this run"
+    if "minilm_fp32" not in variants:  # latency does not depend on the weights' values
+        from lightning_compress.models import MiniLMClassifier
+
+        variants = {"minilm_fp32": MiniLMClassifier().eval(), **variants}
+        source["minilm_fp32"] = "pretrained encoder, untrained head (not fine-tuned in this run)"
+    if len(variants) < 2:
+        raise SystemExit("latency needs at least one low-rank configuration in --configs")
+    inputs = latency_batch(args["seed"])
+    check = {}
+    with torch.inference_mode():
+        ref = variants["minilm_fp32"](*inputs)
+        for name, model in variants.items():
+            out = model(*inputs)
+            low = encoder_linears(model)
+            check[name] = {
+                "logits_rel_l2_vs_dense": float((out - ref).norm() / ref.norm()),
+                "argmax_agreement_vs_dense": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
+                "lowrank_layers": sum(isinstance(m, LowRankLinear) for m in low.values()),
+                "mask_multiply_skipped": all(
+                    m.active_rank == m.rank for m in low.values() if isinstance(m, LowRankLinear)
+                ),
+                "encoder_linear_params": sum(p.numel() for m in low.values() for p in m.parameters()),
+                "total_params": sum(p.numel() for p in model.parameters()),
+            }
+    names = list(variants)
+    rounds = []
+    for r in range(args["rounds"]):
+        k = r % len(names)
+        order = names[k:] + names[:k]
+        rounds.append(time_round(variants, inputs, order, args["iters"]))
+        means = {n: statistics.fmean(rounds[-1][n]["wall_ms"]) for n in names}
+        print(f"[latency] round {r} ({order[0]} first): " + ", ".join(f"{n} {v:.1f} ms" for n, v in means.items()),
+              flush=True)  # fmt: skip
+    summary = {}
+    for n in names:
+        summary[n] = {
+            "mean_ms": spread([statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]),
+            "median_ms": spread([statistics.median(rd[n]["wall_ms"]) for rd in rounds]),
+            "speedup_ratio_of_means": spread(
+                [statistics.fmean(rd["minilm_fp32"]["wall_ms"]) / statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]
+            ),
+            "speedup_ratio_of_medians": spread(
+                [statistics.median(rd["minilm_fp32"]["wall_ms"]) / statistics.median(rd[n]["wall_ms"]) for rd in rounds]
+            ),
+            "speedup_cpu_time": spread(
+                [statistics.fmean(rd["minilm_fp32"]["cpu_ms"]) / statistics.fmean(rd[n]["cpu_ms"]) for rd in rounds]
+            ),
+        }
+    return {
+        "config": "latency",
+        "inputs": "first 16 test snippets, 16 x 64 tokens (padded as in training)",
+        "real_token_share": float(inputs[1].float().mean()),
+        "rounds": args["rounds"],
+        "iters_per_round": args["iters"],
+        "models": source,
+        "check": check,
+        "summary": summary,
+        "rounds_raw": rounds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="minilm_fp32,lowrank_budget48,lowrank_ratio32")
+    parser.add_argument("--steps", type=int, default=150, help="MiniLM fine-tuning steps (batch 32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="fine-tunes at once (one process each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--limit-test", type=int, default=None, help="test on the first N test examples (smoke)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
+    parser.add_argument("--iters", type=int, default=5, help="timed forwards per variant per latency round")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency step")
+    parser.add_argument("--name", default="lowrank_accuracy", help="results file stem under benchmarks/results/")
+    args = parser.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    if unknown := set(configs) - set(CONFIGS):
+        parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
+    set_threads(args.threads)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    fits = [c for c in FIT_CONFIGS if c in configs]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lowrank_accuracy_") as save_dir:
+        settings = {**vars(args), "save_dir": save_dir}
+        if args.jobs > 1 and len(fits) > 1:
+            with mp.get_context("spawn").Pool(min(args.jobs, len(fits)), maxtasksperchild=1) as pool:
+                results = pool.starmap(run_fit, [(c, settings) for c in fits], chunksize=1)
+        else:
+            results = [run_fit(c, settings) for c in fits]
+        fit_wall_s = time.perf_counter() - t0
+        latency = None
+        if not args.no_latency and (any(c in LOWRANK for c in fits) or "latency" in configs):
+            latency = run_latency(configs, settings)
+    settings.pop("save_dir")
+    wall_s = time.perf_counter() - t0
+    base = next((r for r in results if r["config"] == "minilm_fp32"), None)
+    for r in results:
+        if base is not None and r is not base:
+            r["test"]["drop_vs_fp32_points"] = 100 * (base["test"]["acc"] - r["test"]["acc"])
+    env = environment(args.threads)
+    payload = {
+        "benchmark": "lowrank_accuracy",
+        "command": command,
+        "environment": env,
+        "settings": settings,
+        "fit_wall_s": fit_wall_s,
+        "wall_s": wall_s,
+        "results": {r["config"]: r for r in results},
+        "latency": latency,
+    }
+    md = _markdown(results, latency, env, command, args, fit_wall_s)
+    json_path, md_path = write_results(args.name, payload, md)
+    print(md)
+    print(f"wrote {json_path.name} and {md_path.name} under benchmarks/results/")
+
+
+def _markdown(
+    results: list[dict[str, Any]], latency: dict[str, Any] | None, env: dict[str, Any], command: str, args: Any,
+    fit_wall_s: float,
+) -> str:  # fmt: skip
+    lines = [
+        "# Low-rank refactoring of MiniLM's encoder: parameters, accuracy after fine-tuning, CPU latency",
+        "",
+        env_markdown(env, command).rstrip(),
+        f"- Rotten Tomatoes, MiniLMClassifier, {args.steps} steps, batch 32, AdamW 2e-5, seed {args.seed}, "
+        f"{'2,000' if args.limit_test is None else f'the first {args.limit_test} of 2,000'} held-out snippets; "
+        f"fine-tunes: {fit_wall_s / 60:.1f} min wall with --jobs {args.jobs}",
+        "- encoder Linear = the 36 Linear layers of the 6 encoder blocks (`encoder\\.encoder\\.layer\\..*`), weights +"
+        " biases, counted from the trained model after fit (the low-rank layers truncated at fit end)",
+    ]
+    if results:
+        lines += [
+            "",
+            "| configuration | encoder Linear params dense -> after | reduction | test acc % | drop vs fp32 (points) "
+            "| ranks min / median / max | median rank q / k / v / attn-out / FFN-in / FFN-out | fit min "
+            "| step ms median | schedule |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            e, s = r["encoder_linear"], r.get("rank_summary")
+            drop = r["test"].get("drop_vs_fp32_points")
+            kinds = "-" if not s else " / ".join(f"{s['by_kind'][k]['median']:g}" for k in KINDS)
+            sched = r.get("schedule")
+            sched_text = "-" if not sched else ", ".join(f"{k}={v}" for k, v in sched.items() if k != "include")
+            lines.append(
+                "| " + " | ".join([
+                    r["config"],
+                    f"{e['params_dense']:,} -> {e['params_now']:,}",
+                    f"{100 * e['reduction']:.1f} %",
+                    f"{100 * r['test']['acc']:.2f}",
+                    "-" if drop is None else f"{drop:.2f}",
+                    "-" if not s else f"{s['min']} / {s['median']:g} / {s['max']}",
+                    kinds,
+                    f"{r['fit_s'] / 60:.1f}",
+                    f"{r['step_ms']['median']:.0f}",
+                    sched_text,
+                ]) + " |"
+            )  # fmt: skip
+        lines += [
+            "",
+            "Drop = fp32 accuracy minus this configuration's (positive = lower). Weights alone (biases not counted): "
+            + "; ".join(
+                f"{r['config']} {r['encoder_linear']['weights_dense']:,} -> {r['encoder_linear']['weights_now']:,}"
+                f" ({100 * r['encoder_linear']['weight_reduction']:.1f} % fewer)"
+                for r in results
+                if r["config"] in LOWRANK
+            )
+            + ". Step times come from fits running in parallel processes on a shared machine; a low-rank fit holds"
+            " both full-rank factors until fit end (rank masks keep shapes), so its steps are slower than dense.",
+        ]
+    if latency is not None:
+        lines += [
+            "",
+            f"## CPU latency, whole MiniLMClassifier forward ({latency['inputs']}; 1 thread, inference_mode; "
+            f"{latency['rounds']} interleaved rounds x {latency['iters_per_round']} calls)",
+            "",
+            "| model | encoder Linear params | all params | latency ms: per-round mean, median [min-max] "
+            "| speed-up vs dense: ratio of per-round means, median [min-max] | ratio of per-round medians "
+            "| CPU-time ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, s in latency["summary"].items():
+            c = latency["check"][name]
+            m, sp = s["mean_ms"], s["speedup_ratio_of_means"]
+            lines.append(
+                f"| {name} | {c['encoder_linear_params']:,} | {c['total_params']:,} "
+                f"| {m['median']:.1f} [{m['min']:.1f}-{m['max']:.1f}] "
+                f"| **{sp['median']:.2f}x** [{sp['min']:.2f}-{sp['max']:.2f}] "
+                f"| {s['speedup_ratio_of_medians']['median']:.2f}x | {s['speedup_cpu_time']['median']:.2f}x |"
+            )
+        lines += [
+            "",
+            f"{100 * latency['real_token_share']:.0f} % of the timed batch's positions are real tokens (the rest"
+            " padding, computed all the same). Models: "
+            + "; ".join(f"{k}: {v}" for k, v in latency["models"].items())
+            + ". The low-rank models run through `LowRankLinear` (two thin matmuls, all components active, no mask"
+            " multiply).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
