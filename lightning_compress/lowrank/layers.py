@@ -126,9 +126,23 @@ class _Factorised(nn.Module):
             params, figures.params_effective + bias_nonzeros, 4 * params, 4 * figures.params_effective + bias_bytes
         )
 
-    def _active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def rebuild_args(self) -> dict[str, Any]:
+        raise NotImplementedError  # each layer class defines it
+
+    def _load_factors(self, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            self.first.copy_(first.reshape(self.first.shape))
+            self.second.copy_(second)
+            if bias is not None:
+                self.bias.copy_(bias.detach())
+
+    def truncated(self) -> _Factorised:
+        """A physically smaller copy holding only the active components (not collective: gather first)."""
         keep = self.rank_mask.nonzero().flatten()
-        return self.first.detach()[keep].clone(), self.second.detach()[:, keep].clone()
+        first, second = self.first.detach()[keep], self.second.detach()[:, keep]
+        out = type(self)(**{**self.rebuild_args(), "rank": first.shape[0]}).to(first.device, first.dtype)
+        out._load_factors(first, second, self.bias)
+        return out
 
 
 def _refresh_mask_cache(module: nn.Module, incompatible_keys: object) -> None:
@@ -155,24 +169,8 @@ class LowRankLinear(_Factorised):
             layer = cls(in_features, out_features, first.shape[0], linear.bias is not None).to(
                 first.device, first.dtype
             )
-            with torch.no_grad():
-                layer.first.copy_(first)
-                layer.second.copy_(second)
-                if linear.bias is not None:
-                    layer.bias.copy_(linear.bias.detach())
+            layer._load_factors(first, second, linear.bias)
         return layer, singular
-
-    def truncated(self) -> LowRankLinear:
-        """A physically smaller copy holding only the active components (not collective: gather first)."""
-        first, second = self._active_factors()
-        out = LowRankLinear(self.in_features, self.out_features, first.shape[0], self.bias is not None)
-        out = out.to(first.device, first.dtype)
-        with torch.no_grad():
-            out.first.copy_(first)
-            out.second.copy_(second)
-            if self.bias is not None:
-                out.bias.copy_(self.bias.detach())
-        return out
 
     def rebuild_args(self) -> dict[str, Any]:
         """The constructor arguments (JSON-able) of this layer's empty skeleton."""
@@ -228,24 +226,8 @@ class LowRankConv2d(_Factorised):
             padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
             layer = cls(in_channels, out_channels, list(kernel), first.shape[0], list(conv.stride), padding,
                         list(conv.dilation), conv.bias is not None).to(first.device, first.dtype)  # fmt: skip
-            with torch.no_grad():
-                layer.first.copy_(first.reshape(layer.first.shape))
-                layer.second.copy_(second)
-                if conv.bias is not None:
-                    layer.bias.copy_(conv.bias.detach())
+            layer._load_factors(first, second, conv.bias)
         return layer, singular
-
-    def truncated(self) -> LowRankConv2d:
-        """A physically smaller copy holding only the active components (not collective: gather first)."""
-        first, second = self._active_factors()
-        args = {**self.rebuild_args(), "rank": first.shape[0]}
-        out = LowRankConv2d(**args).to(first.device, first.dtype)
-        with torch.no_grad():
-            out.first.copy_(first)
-            out.second.copy_(second)
-            if self.bias is not None:
-                out.bias.copy_(self.bias.detach())
-        return out
 
     def rebuild_args(self) -> dict[str, Any]:
         """The constructor arguments (JSON-able) of this layer's empty skeleton."""
