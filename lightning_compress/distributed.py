@@ -123,13 +123,48 @@ def _mask_fp32_master(param: nn.Parameter, piece: torch.Tensor) -> None:
 def _write_fp32_masters(params: Sequence[nn.Parameter], edit: Callable[[int, torch.Tensor], object]) -> None:
     if not any(has_fp32_master(p) for p in params):
         return
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param
 
     for i, param in enumerate(params):
         if has_fp32_master(param):
             master = safe_get_full_fp32_param(param)
             edit(i, master)
-            safe_set_full_fp32_param(param, master)
+            _set_full_master(param, master)
+
+
+def _set_full_master(param: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Write a full value into DeepSpeed's fp32 master copy of ``param`` (``key``: into that optimizer state).
+
+    Under ZeRO-3 each rank writes its own slice through the local setter: DeepSpeed's full-value setter slices past
+    the end of a parameter whose size the ranks do not divide (the last partition is padded)."""
+    if is_zero3_partitioned(param):
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        piece = _zero3_piece(param, value)
+        if key is None:
+            safe_set_local_fp32_param(param, piece)
+        else:
+            safe_set_local_optimizer_state(param, piece, key)
+        return
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if key is None:
+        safe_set_full_fp32_param(param, value)
+    else:
+        safe_set_full_optimizer_state(param, value, key)
+
+
+def _zero3_piece(param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of a full value: elements ``[rank * n, (rank + 1) * n)`` of it flattened, zero-padded."""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    flat = value.detach().flatten()
+    piece = flat.new_zeros(size)
+    valid = max(0, min(size, flat.numel() - start))
+    piece[:valid] = flat[start : start + valid]
+    return piece
 
 
 def all_reduce_extrema_(minima: Sequence[torch.Tensor], maxima: Sequence[torch.Tensor]) -> None:
@@ -144,3 +179,60 @@ def all_reduce_extrema_(minima: Sequence[torch.Tensor], maxima: Sequence[torch.T
         dist.all_reduce(flat, op=op)
         for tensor, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors]), strict=True):
             tensor.data.copy_(part.view_as(tensor))
+
+
+def full_training_values(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """Full copies of ``params`` as the optimizer holds them: DeepSpeed's fp32 master copy where there is one (the
+    module may hold a bf16/fp16 rounding of it), else the module's values. Collective under DeepSpeed."""
+    if not any(has_fp32_master(p) for p in params):
+        return full_values(params)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module_values = full_values([p for p in params if not has_fp32_master(p)])
+    out = []
+    for param in params:
+        out.append(safe_get_full_fp32_param(param).detach().clone() if has_fp32_master(param) else module_values.pop(0))
+    return out
+
+
+def optimizer_state_keys(optimizers: Sequence[torch.optim.Optimizer], param: nn.Parameter) -> list[str]:
+    """The names of the per-element state tensors the optimizer keeps for ``param`` (``exp_avg``, ``exp_avg_sq``
+    for Adam), the same on every rank. Under DeepSpeed, those of its fp32 partitions."""
+    if has_fp32_master(param):
+        keys: set[str] = set()
+        for optimizer in optimizers:
+            inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer wraps a torch one
+            for state in inner.state.values():
+                keys.update(k for k, v in state.items() if torch.is_tensor(v) and v.dim() >= 1 and v.numel() > 1)
+        return sorted(keys)
+    for optimizer in optimizers:
+        state = optimizer.state.get(param)
+        if state:
+            return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape)
+    return []
+
+
+def full_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], param: nn.Parameter, key: str) -> torch.Tensor:
+    """The full-shaped optimizer state ``key`` of ``param`` (a copy). Collective under DeepSpeed."""
+    if has_fp32_master(param):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return safe_get_full_optimizer_state(param, key).detach().clone().view(full_shape(param))
+    for optimizer in optimizers:
+        if param in optimizer.state and key in optimizer.state[param]:
+            return optimizer.state[param][key].detach().clone()
+    raise KeyError(f"no optimizer holds state {key!r} for this parameter")
+
+
+def write_optimizer_state_(
+    optimizers: Sequence[torch.optim.Optimizer], param: nn.Parameter, key: str, value: torch.Tensor
+) -> None:
+    """Set the optimizer state ``key`` of ``param`` to the full-shaped ``value`` (every rank, the same value)."""
+    if has_fp32_master(param):
+        _set_full_master(param, value, key)
+        return
+    for optimizer in optimizers:
+        if param in optimizer.state and key in optimizer.state[param]:
+            optimizer.state[param][key].copy_(value)
+            return
+    raise KeyError(f"no optimizer holds state {key!r} for this parameter")
