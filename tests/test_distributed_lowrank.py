@@ -218,3 +218,76 @@ def checkpoint_contents(path: Path) -> dict[str, dict]:
         module = checkpoint["state_dict"]
     [lowrank] = [state for key, state in checkpoint["callbacks"].items() if key.startswith("LowRankRefactoring")]
     return {"module": module, "callbacks": lowrank}
+
+
+# ------------------------------------------------------------------------------------ activation-aware (calibrated)
+CALIBRATED_RECIPE = f"""
+trainer:
+  callbacks:
+    - class_path: lightning_compress.LowRankRefactoring
+      init_args: {{rank_ratio: {RATIO}, calibration_steps: 4, start_step: 8, end_step: 22, update_every: 3,
+                   schedule: linear, truncate_at_fit_end: false}}
+"""
+# Input statistics over steps 5-8 (every rank's batches, all-reduced each batch), rebase at 8 (factors, DeepSpeed's
+# fp32 masters and Adam's moments), rank updates at 8, 11, ..., 20, 22 judged by the hidden components' energy since
+# the previous update. The stop at 19 falls mid-ramp, with that energy in the checkpoint.
+
+
+@pytest.fixture(scope="module")
+def calibrated_fit(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], FitResult]:
+    recipe = tmp_path_factory.mktemp("recipe") / "lowrank_calibrated.yaml"
+    recipe.write_text(CALIBRATED_RECIPE)
+    done: dict[str, FitResult] = {}
+
+    def get(name: str) -> FitResult:
+        if name not in done:
+            spec = FitSpec(**STRATEGIES[name], max_steps=MAX_STEPS, recipe=str(recipe),
+                           checkpoint_every_n_steps=STOP_STEP)  # fmt: skip
+            done[name] = run_fit(spec, tmp_path_factory.mktemp(f"{name}_calibrated"))
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_calibrated_ranks_agree_and_reach_the_targets(name: str, calibrated_fit: Callable[[str], FitResult]) -> None:
+    """Every rank rebased on the same (all-reduced) statistics and switched off the same components."""
+    result = calibrated_fit(name)
+    rank0, rank1 = (r["state_dict"] for r in result.ranks)
+    assert rank0.keys() == rank1.keys()
+    for key, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[key]), f"{key} differs between the ranks"
+        assert torch.isfinite(tensor.float()).all(), key
+    assert {layer: int(mask.sum()) for layer, mask in masks(rank0).items()} == TARGETS
+    assert "rebased 4 layers on their input statistics (the batches of steps 5-8)" in result.log
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+def test_calibrated_deepspeed_reaches_what_ddp_reaches(stage: str, calibrated_fit: Callable[[str], FitResult]) -> None:
+    """The rebase under ZeRO reads the fp32 masters and carries Adam's moments through DeepSpeed's partitioned
+    optimizer state; under DDP through torch's. Same statistics, same math: same components kept, same factors."""
+    ddp = calibrated_fit("ddp").ranks[0]["state_dict"]
+    zero = calibrated_fit(stage).ranks[0]["state_dict"]
+    assert zero.keys() == ddp.keys()
+    for layer, mask in masks(ddp).items():
+        assert torch.equal(zero[f"{layer}.rank_mask"], mask), f"{layer}: ZeRO kept other components than DDP"
+    for key in ddp:
+        torch.testing.assert_close(zero[key], ddp[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_a_calibrated_run_resumed_mid_ramp_ends_identical_to_one_never_stopped(
+    name: str, calibrated_fit: Callable[[str], FitResult], tmp_path: Path
+) -> None:
+    whole = calibrated_fit(name)
+    stopped_at = whole.out_dir / "checkpoints" / f"step={STOP_STEP}.ckpt"
+    state = checkpoint_contents(stopped_at)["callbacks"]
+    assert state["rebased"] is True and state["target_ranks"] == TARGETS
+    assert {stats["kind"] for stats in state["statistics"].values()} == {"hidden"} and state["statistics"]
+    spec = FitSpec(**STRATEGIES[name], max_steps=MAX_STEPS, recipe=whole.spec.recipe, resume_from=str(stopped_at))
+    resumed = run_fit(spec, tmp_path / "resumed")
+    for rank in range(2):
+        expected, got = whole.ranks[rank]["state_dict"], resumed.ranks[rank]["state_dict"]
+        assert got.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(got[key], tensor), f"rank {rank}: {key} differs after resume"

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from digits_fits import fit, whole_and_resumed
 from torch import nn
 
 from lightning_compress import LowRankRefactoring
@@ -35,15 +36,6 @@ class Outputs(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with torch.no_grad():
             self.before = pl_module.eval()(self.images)
-
-
-def fit(quiet: dict[str, Any], callbacks: list[Callback], max_steps: int, **trainer: Any) -> ImageClassifier:
-    pl.seed_everything(0)
-    model = ImageClassifier(image_size=8)
-    pl.Trainer(max_steps=max_steps, callbacks=callbacks, **{**quiet, **trainer}).fit(
-        model, datamodule=DigitsDataModule()
-    )
-    return model
 
 
 def test_factorising_at_setup_leaves_the_model_computing_the_same() -> None:
@@ -83,18 +75,11 @@ def test_ranks_fall_on_the_schedule_to_the_target_and_the_model_is_truncated_at_
 
 def test_resume_mid_schedule_is_bitwise_exact(tmp_path: Path, quiet_trainer_kwargs: dict[str, Any]) -> None:
     """Stopped at step 19 (the first epoch's last batch) between two rank updates, resumed by a fresh Trainer."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    def lowrank() -> LowRankRefactoring:
-        return LowRankRefactoring(energy=0.8, start_step=5, end_step=35, update_every=5, truncate_at_fit_end=False)
+    def callbacks() -> list[Callback]:
+        return [LowRankRefactoring(energy=0.8, start_step=5, end_step=35, update_every=5, truncate_at_fit_end=False)]
 
-    quiet = {**quiet_trainer_kwargs, "enable_checkpointing": True}
-    saver = ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=19, save_top_k=-1)
-    whole = fit(quiet, [lowrank(), saver], max_steps=40)
-    pl.seed_everything(0)
-    resumed = ImageClassifier(image_size=8)
-    trainer = pl.Trainer(max_steps=40, callbacks=[lowrank()], **quiet_trainer_kwargs)
-    trainer.fit(resumed, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "ckpt" / "step=19.ckpt")
+    whole, resumed = whole_and_resumed(quiet_trainer_kwargs, tmp_path, callbacks, max_steps=40)
     expected, got = whole.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys() and any(key.endswith("rank_mask") for key in got)
     assert not bool(expected["net.fc1.rank_mask"].all())  # the ranks did fall

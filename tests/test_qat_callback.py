@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from digits_fits import fit, whole_and_resumed
 from torch import nn
 
 from lightning_compress import GradualPruning
@@ -34,14 +35,6 @@ class Flags(Callback):
                 "bn_training": [m.training for m in pl_module.modules() if isinstance(m, nn.BatchNorm2d)],
             }
         )
-
-
-def fit(quiet: dict[str, Any], callbacks: list[Callback], max_steps: int, **trainer: Any) -> ImageClassifier:
-    pl.seed_everything(0)
-    model = ImageClassifier(image_size=8)
-    kwargs = {**quiet, **trainer}
-    pl.Trainer(max_steps=max_steps, callbacks=callbacks, **kwargs).fit(model, datamodule=DigitsDataModule())
-    return model
 
 
 def test_setup_swaps_linear_and_conv_layers_keeping_their_parameters(quiet_trainer_kwargs: dict[str, Any]) -> None:
@@ -103,20 +96,12 @@ def test_resume_from_the_last_batch_of_an_epoch_is_bitwise_exact(
 ) -> None:
     """Also with learnable scales: the checkpoint (step 19, after start_step) carries them, and the resumed run must
     not start them again from the observers."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    def qat() -> QuantizationAwareTraining:
-        return QuantizationAwareTraining(
-            weight_bits=4, activation_bits=8, start_step=10, freeze_observers_step=30, learnable_scales=learnable_scales
-        )
+    def callbacks() -> list[Callback]:
+        return [QuantizationAwareTraining(weight_bits=4, activation_bits=8, start_step=10, freeze_observers_step=30,
+                                          learnable_scales=learnable_scales)]  # fmt: skip
 
-    quiet = {**quiet_trainer_kwargs, "enable_checkpointing": True}
-    saver = ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=19, save_top_k=-1)
-    whole = fit(quiet, [qat(), saver], max_steps=45)
-    pl.seed_everything(0)
-    resumed = ImageClassifier(image_size=8)
-    trainer = pl.Trainer(max_steps=45, callbacks=[qat()], **quiet_trainer_kwargs)
-    trainer.fit(resumed, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "ckpt" / "step=19.ckpt")
+    whole, resumed = whole_and_resumed(quiet_trainer_kwargs, tmp_path, callbacks, max_steps=45)
     expected, got = whole.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys() and any("observer" in k for k in got)
     for key, tensor in expected.items():

@@ -14,6 +14,8 @@ from lightning_compress import distributed, events, schedules
 from lightning_compress._lightning import Callback, pl, rank_zero_info
 from lightning_compress.lowrank.layers import LowRankConv2d, LowRankLinear, _Factorised
 from lightning_compress.lowrank.ranks import LayerSpectrum, rank_for_energy, rank_for_ratio, ranks_for_budget
+from lightning_compress.lowrank.statistics import Kind, LayerStatistics, sync
+from lightning_compress.lowrank.whitening import carry_state, whitened_factors
 from lightning_compress.schedules import ScheduleName
 from lightning_compress.targeting import Targeting
 
@@ -29,6 +31,15 @@ class LowRankRefactoring(Callback):
     grid) to its target, dropping the components that contribute least (``||first_i|| * ||second_i||``); shapes do
     not change, so DDP and DeepSpeed keep their parameters. At the end of ``fit`` each layer is truncated to its
     active components (not under DeepSpeed: see ``truncate_at_fit_end``).
+
+    With ``calibration_steps=k`` the reduction is activation-aware (as SVD-LLM, but while training): over the ``k``
+    steps before ``start_step`` every factorised layer gathers the second moment of its inputs, and at ``start_step``
+    its factors are rebased, exactly (the layer computes the same), on the SVD of ``W L`` (``L L^T`` the input second
+    moment), whose directions are ordered by how much of the layer's *output* they carry on the data. The
+    optimizer's moment estimates are carried into the new basis. While the rank falls, the components switched off
+    are those adding least to the outputs on the recent batches (``||second_i|| * RMS(h_i)``). Targets from
+    ``energy`` and ``param_budget`` are then chosen from the whitened spectrum at ``start_step``; a layer whose
+    target would save nothing keeps its full rank and is made dense again at truncation.
 
     Exactly one target: ``rank_ratio`` (each layer keeps that fraction of its full rank), ``energy`` (each layer
     keeps the fewest singular directions holding that share of its squared singular values), or ``param_budget``
@@ -50,6 +61,10 @@ class LowRankRefactoring(Callback):
             whose engine keeps the full-size factors: consolidate the checkpoint, ``prepare``, ``truncate``).
         min_saving: a layer is factorised only if its factors hold at least this share fewer weights than the dense
             layer (two thin matmuls that save almost nothing are slower than one); in [0, 1).
+        calibration_steps: optimizer steps before ``start_step`` over which the layers' input statistics are
+            gathered for the activation-aware rebase (0: rank by the weights alone); at most ``start_step``. A
+            few dozen batches suffice; while gathering, each layer also computes ``x^T x`` of its inputs and the
+            ranks exchange it once per batch.
     """
 
     def __init__(
@@ -65,6 +80,7 @@ class LowRankRefactoring(Callback):
         exclude: list[str] | None = None,
         truncate_at_fit_end: bool = True,
         min_saving: float = 0.1,
+        calibration_steps: int = 0,
     ) -> None:
         given = {"rank_ratio": rank_ratio, "energy": energy, "param_budget": param_budget}
         chosen = {k: v for k, v in given.items() if v is not None}
@@ -100,11 +116,27 @@ class LowRankRefactoring(Callback):
         if isinstance(min_saving, bool) or not isinstance(min_saving, (int, float)) or not 0.0 <= min_saving < 1.0:
             raise ValueError(f"`min_saving` must be a number in [0, 1); got {min_saving!r}. HINT: 0.1 = 10 % fewer.")
         self.min_saving = float(min_saving)
-        # State: the target rank of each factorised layer (also in checkpoints) and the layers themselves.
+        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 0:
+            raise ValueError(
+                f"`calibration_steps` must be an integer >= 0; got {calibration_steps!r}. HINT: 32 gathers the input"
+                " statistics over the 32 steps before `start_step`; 0 ranks by the weights alone."
+            )
+        if calibration_steps > start_step:
+            raise ValueError(
+                f"`calibration_steps`={calibration_steps} needs `start_step` >= {calibration_steps} (the statistics are"
+                f" gathered over the steps right before the rank starts to fall); got start_step={start_step}."
+                f" HINT: start_step={calibration_steps}, end_step > that."
+            )
+        self.calibration_steps = calibration_steps
+        # State (in checkpoints): the target rank of each factorised layer, whether the activation-aware rebase has
+        # happened, and the statistics being gathered. The layers themselves come back from the model.
         self.target_ranks: dict[str, int] = {}
+        self.rebased = False
+        self.statistics: dict[str, LayerStatistics] = {}
         self.full_ranks: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
         self.layers: dict[str, _Factorised] = {}
+        self._updated_at: int | None = None
 
     @property
     @override
@@ -150,7 +182,9 @@ class LowRankRefactoring(Callback):
                 weight = module.weight.detach().reshape(distributed.full_shape(module.weight)[0], -1)
                 singular = torch.linalg.svdvals(weight.double()).float()
             spectra[name] = LayerSpectrum(name, weight.shape[0], weight.shape[1], singular)
-        targets = self._target_ranks(list(spectra.values()))
+        targets = self._target_ranks(list(spectra.values()))  # with calibration also a check of the budget's floor
+        if self._targets_from_data:  # chosen at start_step from the whitened spectra: factorise what can save
+            targets = {name: 0 for name, spectrum in spectra.items() if spectrum.max_useful_rank(self.min_saving) >= 1}
         skipped = {name: "grouped or non-zero-padded convolution" for name in modules if name not in spectra}
         skipped.update(
             {
@@ -183,7 +217,12 @@ class LowRankRefactoring(Callback):
             )
             setattr(parent, child, layer)
             layers[name] = layer
-        return layers, targets, skipped
+        return layers, {n: r for n, r in targets.items() if r > 0}, skipped
+
+    @property
+    def _targets_from_data(self) -> bool:
+        """Whether the target ranks wait for the whitened spectra at ``start_step`` (energy or budget, calibrated)."""
+        return self.calibration_steps > 0 and self.criterion != "rank_ratio"
 
     def _target_ranks(self, spectra: list[LayerSpectrum]) -> dict[str, int]:
         if self.criterion == "param_budget":
@@ -194,12 +233,23 @@ class LowRankRefactoring(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._update(trainer, trainer.global_step)  # a no-op on a resumed run: the masks came with the model
+        self._observe(trainer.global_step)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._update(trainer, trainer.global_step)
+        step = trainer.global_step
+        sync(list(self.statistics.values()))  # every rank, every batch, while gathering: totals agree everywhere
+        if self.calibration_steps and not self.rebased and step >= self.start_step:
+            self._rebase(trainer)
+        self._update(trainer, step)
+        self._observe(step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for layer in self.layers.values():  # the sums stay callback state: a checkpoint written now can resume
+            layer.statistics = None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,18 +266,33 @@ class LowRankRefactoring(Callback):
         self.truncate(pl_module)
 
     def truncate(self, model: nn.Module) -> None:
-        """Replace every factorised layer of ``model`` by its physically smaller copy (active components only)."""
+        """Replace every factorised layer of ``model`` by its physically smaller copy (active components only), or by
+        the dense layer it computes when its active components would not be `min_saving` smaller than that."""
         for name, module in list(model.named_modules()):
             if isinstance(module, _Factorised):
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
+                shape = module.dense_weight_shape()
+                spectrum = LayerSpectrum(name, shape[0], math.prod(shape[1:]), torch.empty(0))
+                if module.active_rank > spectrum.max_useful_rank(self.min_saving):
+                    rank_zero_info(
+                        f"LowRankRefactoring: {name} is made dense again: {module.active_rank} active components hold"
+                        f" {spectrum.params_at(module.active_rank):,} weights against {spectrum.dense_params:,} dense."
+                    )
+                    setattr(parent, child, module.to_dense())
+                    self.layers.pop(name, None)
+                    continue
                 setattr(parent, child, module.truncated())
                 if name in self.layers:
                     self.layers[name] = getattr(parent, child)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"target_ranks": dict(self.target_ranks)}
+        state: dict[str, Any] = {"target_ranks": dict(self.target_ranks)}
+        if self.calibration_steps:
+            state["rebased"] = self.rebased
+            state["statistics"] = {name: stats.state_dict() for name, stats in self.statistics.items()}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -237,25 +302,121 @@ class LowRankRefactoring(Callback):
                 f"The checkpoint's LowRankRefactoring factorised {sorted(saved)}, this run {sorted(self.target_ranks)}."
                 " HINT: resume with the same model and include/exclude."
             )
-        self.target_ranks = dict(saved)  # ranks chosen from the weights at the run's first setup
+        self.target_ranks = dict(saved)  # ranks chosen from the weights at the run's first setup (or its rebase)
+        self.rebased = bool(state_dict.get("rebased", False))
+        self.statistics = {
+            name: LayerStatistics.from_state_dict(stats) for name, stats in state_dict.get("statistics", {}).items()
+        }
 
     # ------------------------------------------------------------------------------------------------ work
 
+    def _observing(self, step: int) -> Kind | None:
+        """What the layers gather during the batch after ``step``: their inputs in the calibration window, their
+        hidden components' energy while the rank falls (calibrated runs only), nothing otherwise."""
+        if not self.calibration_steps:
+            return None
+        if not self.rebased:
+            return "inputs" if self.start_step - self.calibration_steps <= step < self.start_step else None
+        return "hidden" if self.start_step <= step < self.end_step else None
+
+    def _observe(self, step: int) -> None:
+        """Hand each layer the statistics to feed during the next batch (kept across a resume, new after a change)."""
+        kind = self._observing(step)
+        if kind is None:
+            self.statistics = {}
+        elif not self.statistics or next(iter(self.statistics.values())).kind != kind:
+            self.statistics = {
+                name: LayerStatistics(kind, _input_features(layer) if kind == "inputs" else layer.rank)
+                for name, layer in self.layers.items()
+            }
+        for name, layer in self.layers.items():
+            layer.statistics = self.statistics.get(name)
+
+    def _rebase(self, trainer: pl.Trainer) -> None:
+        """Rebase every layer's factors on its activation-whitened SVD, carry the optimizer's moments into the new
+        basis, and (energy / budget) choose the target ranks from the whitened spectra. Collective."""
+        optimizers = trainer.optimizers
+        spectra, energies, unknown = [], {}, set()
+        for name, layer in self.layers.items():
+            stats = self.statistics.get(name)
+            if stats is None or stats.kind != "inputs" or stats.rows == 0:
+                raise RuntimeError(
+                    f"LowRankRefactoring: {name} saw no training batch in the {self.calibration_steps} calibration"
+                    f" steps before start_step={self.start_step}; is it used in the forward pass? HINT: exclude it."
+                )
+            moment = stats.mean()
+            first0, second0 = distributed.full_training_values([layer.first, layer.second])
+            rebased = whitened_factors(first0.flatten(1), second0, moment.to(first0.device))
+            for param, factor in ((layer.first, "first"), (layer.second, "second")):
+                for key in distributed.optimizer_state_keys(optimizers, param):
+                    state = distributed.full_optimizer_state(optimizers, param, key)
+                    carried = carry_state(key, state, factor, rebased)
+                    if carried is None:
+                        unknown.add(key)
+                        carried = torch.zeros_like(state)
+                    distributed.write_optimizer_state_(optimizers, param, key, carried)
+            new_first = rebased.first.reshape(first0.shape)
+            distributed.write_full_([layer.first, layer.second], [new_first, rebased.second])
+            flat = rebased.first.double()
+            energies[name] = ((flat @ moment.to(flat)) * flat).sum(1).float()  # E[h_i^2] on the calibration data
+            shape = layer.dense_weight_shape()
+            spectra.append(LayerSpectrum(name, shape[0], math.prod(shape[1:]), rebased.singular_values))
+        self.rebased = True
+        self.statistics = {}
+        for name, layer in self.layers.items():  # the first rank update judges components by the calibration data
+            stats = LayerStatistics("hidden", layer.rank)
+            stats.total, stats.rows = energies[name], 1
+            self.statistics[name] = stats
+        if self._targets_from_data:
+            self.target_ranks = self._target_ranks(spectra)
+            for spectrum in spectra:
+                useful = spectrum.max_useful_rank(self.min_saving)
+                if self.target_ranks.get(spectrum.name, spectrum.full_rank) > useful:
+                    rank_zero_info(
+                        f"LowRankRefactoring: {spectrum.name} keeps its full rank and is made dense again at"
+                        f" truncation: its target rank {self.target_ranks.get(spectrum.name)} is above {useful}, the"
+                        f" largest that saves `min_saving`={self.min_saving:g}."
+                    )
+                    self.target_ranks[spectrum.name] = spectrum.full_rank
+        if unknown:
+            rank_zero_info(
+                f"LowRankRefactoring: optimizer state {sorted(unknown)} is neither a running average of gradients nor"
+                " of squared gradients; it was reset to zero for the rebased factors."
+            )
+        rank_zero_info(
+            f"LowRankRefactoring: rebased {len(self.layers)} layers on their input statistics (the batches of steps"
+            f" {self.start_step - self.calibration_steps + 1}-{self.start_step}); target ranks"
+            f" {dict(self.target_ranks)}."
+        )
+
     def _update(self, trainer: pl.Trainer, step: int) -> None:
-        if not self.should_update(step):
-            return
+        if not self.should_update(step) or step == self._updated_at:
+            return  # with gradient accumulation every micro-batch of an update step ends here: act on the first
+        self._updated_at = step
+        energy = {
+            name: stats.mean()
+            for name, stats in self.statistics.items()
+            if self.rebased and stats.kind == "hidden" and stats.rows > 0
+        }
+        self.statistics = {}  # the next interval gathers afresh (installed by _observe)
         changed = {}
         for name, layer in self.layers.items():
             rank = self.scheduled_rank(name, step)
             if rank >= layer.active_rank:
                 continue
-            importance = layer.component_importance()  # collective under ZeRO-3: every rank runs it, in order
+            importance = layer.component_importance(energy.get(name))  # collective under ZeRO-3: every rank, in order
             keep = torch.zeros_like(layer.rank_mask)
             keep[torch.topk(importance, rank).indices.to(keep.device)] = True
             layer.set_rank_mask(keep)
             changed[name] = rank
         if changed:
             events.publish(trainer, events.CompressionEvent(step, self.state_key, "lowrank", {"ranks": changed}))
+
+
+def _input_features(layer: _Factorised) -> int:
+    """The width of the rows the flattened weight multiplies (``in`` or ``in * kh * kw``)."""
+    shape = layer.dense_weight_shape()
+    return math.prod(shape[1:])
 
 
 def _uses_deepspeed(trainer: pl.Trainer) -> bool:

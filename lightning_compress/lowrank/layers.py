@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.distributed import full_shape, gathered
+from lightning_compress.lowrank.statistics import LayerStatistics
 from lightning_compress.packing import packed_nbytes
 from lightning_compress.protocol import LayerFigures, LayerStorage
 
@@ -54,6 +55,8 @@ class _Factorised(nn.Module):
         self.register_buffer("rank_mask", torch.ones(first_shape[0], dtype=torch.bool))
         self._active = first_shape[0]  # host-side count of active directions: forward skips the mask when all are
         self._multiplier: torch.Tensor | None = None
+        #: Set by LowRankRefactoring while it observes the data (training-mode forwards add to it); else None.
+        self.statistics: LayerStatistics | None = None
         self.register_load_state_dict_post_hook(_refresh_mask_cache)
 
     @property
@@ -71,13 +74,35 @@ class _Factorised(nn.Module):
         self.rank_mask.copy_(mask.to(self.rank_mask.device, torch.bool))
         _refresh_mask_cache(self, None)
 
-    def component_importance(self) -> torch.Tensor:
-        """Each component's contribution: ``||first_i|| * ||second_i||`` (its singular value right after the SVD),
-        0 for components already switched off. Collective under ZeRO-3."""
+    def component_importance(self, hidden_energy: torch.Tensor | None = None) -> torch.Tensor:
+        """Each component's contribution to the outputs, 0 for components already switched off. Collective under
+        ZeRO-3.
+
+        Without ``hidden_energy``: ``||first_i|| * ||second_i||`` (its singular value right after the SVD). With the
+        mean square of each hidden component on the data (``E[h_i^2]``, ``h = first @ x``): ``||second_i|| *
+        sqrt(E[h_i^2])``, the RMS of what the component adds to the outputs.
+        """
         with gathered([self.first, self.second]):
             first = self.first.detach().flatten(1).float().norm(dim=1)
             second = self.second.detach().float().norm(dim=0)
-        return torch.where(self.rank_mask, first * second, torch.zeros_like(first))
+        if hidden_energy is not None:
+            first = hidden_energy.to(second.device, torch.float32).clamp_min(0).sqrt()
+        return torch.where(self.rank_mask.to(second.device), first * second, torch.zeros_like(second))
+
+    def _observe(self, inputs: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Feed ``statistics`` (training mode only): the layer's input rows or its hidden components' rows."""
+        if self.statistics is None or not self.training:
+            return
+        if self.statistics.kind == "inputs":
+            self.statistics.add(self._input_rows(inputs))
+        else:
+            self.statistics.add(hidden.detach().movedim(self._hidden_dim, -1).reshape(-1, self.rank))
+
+    _hidden_dim = -1
+
+    def _input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the rows the flattened weight multiplies: ``[count, n]``."""
+        raise NotImplementedError  # each layer class defines it
 
     def _masked(self, hidden: torch.Tensor, channel_dim: int) -> torch.Tensor:
         if self._active == self.rank:
@@ -181,7 +206,24 @@ class LowRankLinear(_Factorised):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._masked(F.linear(x, self.first), -1), self.second, self.bias)
+        hidden = F.linear(x, self.first)
+        if self.statistics is not None:
+            self._observe(x, hidden)
+        return F.linear(self._masked(hidden, -1), self.second, self.bias)
+
+    def _input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().reshape(-1, self.in_features)
+
+    def to_dense(self) -> nn.Linear:
+        """The dense Linear the active components compute (for a layer whose factors would save nothing)."""
+        keep = self.rank_mask.nonzero().flatten()
+        out = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        out = out.to(self.first.device, self.first.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.second.detach()[:, keep] @ self.first.detach()[keep])
+            if self.bias is not None:
+                out.bias.copy_(self.bias.detach())
+        return out
 
     def extra_repr(self) -> str:
         return (
@@ -239,10 +281,41 @@ class LowRankConv2d(_Factorised):
     def dense_weight_shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
+    _hidden_dim = -3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = F.conv2d(x, self.first, None, self.stride, self.padding, self.dilation)
+        if self.statistics is not None:
+            self._observe(x, hidden)
         second = self.second.reshape(*self.second.shape, 1, 1)
         return F.conv2d(self._masked(hidden, -3), second, self.bias)
+
+    def _input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The input patches the kernel sees (``unfold``), one row per output position: ``[count, in * kh * kw]``."""
+        x = x.detach()
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        padding: tuple[int, ...] | str = self.padding
+        if isinstance(padding, str):
+            if padding == "same":  # PyTorch pads the odd remainder on the right/bottom
+                total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
+                x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+            padding = (0, 0)
+        patches = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)  # [N, n, positions]
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    def to_dense(self) -> nn.Conv2d:
+        """The dense Conv2d the active components compute (for a layer whose factors would save nothing)."""
+        keep = self.rank_mask.nonzero().flatten()
+        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                        self.dilation, bias=self.bias is not None)  # fmt: skip
+        out = out.to(self.first.device, self.first.dtype)
+        with torch.no_grad():
+            weight = self.second.detach()[:, keep] @ self.first.detach()[keep].flatten(1)
+            out.weight.copy_(weight.reshape(out.weight.shape))
+            if self.bias is not None:
+                out.bias.copy_(self.bias.detach())
+        return out
 
     def extra_repr(self) -> str:
         return (
