@@ -336,7 +336,9 @@ def test_break_even_rank_is_the_largest_rank_with_fewer_weights_than_dense(out: 
     assert s.params_at(expected) < s.dense_params <= s.params_at(expected + 1)
 
 
-def test_ranks_for_budget_respects_it_and_favours_the_slow_decaying_spectrum() -> None:
+def test_ranks_for_budget_respects_it_and_gives_the_slow_decaying_spectrum_the_rank_it_needs() -> None:
+    """Every layer keeps about the same share of its energy: one direction gives ``fast`` 99 %, so the rest of the
+    budget goes to the spectra that need many directions for any share."""
     fast = spectrum("fast", 64, 64, [10.0**-i for i in range(64)])  # one direction holds 99 % of the energy
     slow = spectrum("slow", 64, 64, [1.0 / (1 + i) ** 0.25 for i in range(64)])
     wide = spectrum("wide", 32, 96, [1.0 / (1 + i) ** 0.25 for i in range(32)])

@@ -43,9 +43,9 @@ class LowRankRefactoring(Callback):
 
     Exactly one target: ``rank_ratio`` (each layer keeps that fraction of its full rank), ``energy`` (each layer
     keeps the fewest singular directions holding that share of its squared singular values), or ``param_budget``
-    (the targeted layers together keep that fraction of their dense weights; ranks are allocated across layers by
-    singular-value energy per weight). Layers whose target rank would not hold fewer weights than the dense layer
-    are left dense, with a log line saying why.
+    (the targeted layers together keep that fraction of their dense weights, shared out so that every layer keeps
+    the same share of its spectrum's energy). Layers whose target rank would not hold fewer weights than the dense
+    layer are left dense, with a log line saying why.
 
     Args:
         rank_ratio: fraction of each layer's full rank to keep, in (0, 1].
