@@ -183,6 +183,23 @@ def test_without_a_trainer_the_rebase_carries_adam_moments_and_keeps_the_outputs
     assert set(lowrank.statistics) == set(FACTORISED) and lowrank.statistics["net.fc1"].kind == "hidden"
 
 
+def test_a_layer_the_forward_never_uses_keeps_the_weight_basis_and_the_rest_are_rebased(
+    quiet_trainer_kwargs: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    class WithSpare(ImageClassifier):
+        def __init__(self) -> None:
+            super().__init__(image_size=8)
+            self.spare = nn.Linear(64, 64)  # in the model, never called
+
+    pl.seed_everything(0)
+    model = WithSpare()
+    lowrank = LowRankRefactoring(rank_ratio=0.25, start_step=4, end_step=8, update_every=2, calibration_steps=4)
+    pl.Trainer(max_steps=9, callbacks=[lowrank], **quiet_trainer_kwargs).fit(model, datamodule=DigitsDataModule())
+    assert "spare saw no training batch in the 4 steps before start_step=4" in caplog.text
+    assert "rebased 4 layers" in caplog.text and lowrank.rebased
+    assert model.spare.first.shape[0] == lowrank.target_ranks["spare"] == 16
+
+
 def test_with_gradient_accumulation_the_rebase_and_each_update_happen_once_per_step(
     quiet_trainer_kwargs: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -336,16 +336,17 @@ class LowRankRefactoring(Callback):
         """Rebase every layer's factors on its activation-whitened SVD, carry the optimizer's moments into the new
         basis, and (energy / budget) choose the target ranks from the whitened spectra. Collective."""
         optimizers = trainer.optimizers
-        spectra, energies, unknown = [], {}, set()
+        spectra, energies, unknown, unseen = [], {}, set(), []
         for name, layer in self.layers.items():
             stats = self.statistics.get(name)
-            if stats is None or stats.kind != "inputs" or stats.rows == 0:
-                raise RuntimeError(
-                    f"LowRankRefactoring: {name} saw no training batch in the {self.calibration_steps} calibration"
-                    f" steps before start_step={self.start_step}; is it used in the forward pass? HINT: exclude it."
-                )
-            moment = stats.mean()
+            shape = layer.dense_weight_shape()
             first0, second0 = distributed.full_training_values([layer.first, layer.second])
+            if stats is None or stats.kind != "inputs" or stats.rows == 0:  # not in the forward pass: weights only
+                unseen.append(name)
+                singular = torch.linalg.svdvals(second0.double() @ first0.flatten(1).double()).float()
+                spectra.append(LayerSpectrum(name, shape[0], math.prod(shape[1:]), singular))
+                continue
+            moment = stats.mean()
             rebased = whitened_factors(first0.flatten(1), second0, moment.to(first0.device))
             for param, factor in ((layer.first, "first"), (layer.second, "second")):
                 for key in distributed.optimizer_state_keys(optimizers, param):
@@ -359,14 +360,18 @@ class LowRankRefactoring(Callback):
             distributed.write_full_([layer.first, layer.second], [new_first, rebased.second])
             flat = rebased.first.double()
             energies[name] = ((flat @ moment.to(flat)) * flat).sum(1).float()  # E[h_i^2] on the calibration data
-            shape = layer.dense_weight_shape()
             spectra.append(LayerSpectrum(name, shape[0], math.prod(shape[1:]), rebased.singular_values))
         self.rebased = True
         self.statistics = {}
-        for name, layer in self.layers.items():  # the first rank update judges components by the calibration data
-            stats = LayerStatistics("hidden", layer.rank)
-            stats.total, stats.rows = energies[name], 1
+        for name, energy in energies.items():  # the first rank update judges components by the calibration data
+            stats = LayerStatistics("hidden", self.layers[name].rank)
+            stats.total, stats.rows = energy, 1
             self.statistics[name] = stats
+        if unseen:
+            rank_zero_info(
+                f"LowRankRefactoring: {', '.join(unseen)} saw no training batch in the {self.calibration_steps} steps"
+                f" before start_step={self.start_step} (not in the forward pass?): kept in the weights' SVD basis."
+            )
         if self._targets_from_data:
             self.target_ranks = self._target_ranks(spectra)
             for spectrum in spectra:
@@ -384,9 +389,9 @@ class LowRankRefactoring(Callback):
                 " of squared gradients; it was reset to zero for the rebased factors."
             )
         rank_zero_info(
-            f"LowRankRefactoring: rebased {len(self.layers)} layers on their input statistics (the batches of steps"
+            f"LowRankRefactoring: rebased {len(energies)} layers on their input statistics (the batches of steps"
             f" {self.start_step - self.calibration_steps + 1}-{self.start_step}); target ranks"
-            f" {dict(self.target_ranks)}."
+            f" {_ranks_text(self.target_ranks)}."
         )
 
     def _update(self, trainer: pl.Trainer, step: int) -> None:
@@ -411,6 +416,14 @@ class LowRankRefactoring(Callback):
             changed[name] = rank
         if changed:
             events.publish(trainer, events.CompressionEvent(step, self.state_key, "lowrank", {"ranks": changed}))
+
+
+def _ranks_text(ranks: dict[str, int]) -> str:
+    """Every layer's rank when few, else their range and median."""
+    if len(ranks) <= 8:
+        return str(dict(ranks))
+    values = sorted(ranks.values())
+    return f"{values[0]}-{values[-1]} (median {values[len(values) // 2]}) over {len(values)} layers"
 
 
 def _input_features(layer: _Factorised) -> int:
