@@ -1,13 +1,16 @@
-"""What the benchmark scripts share: quiet Trainer settings, environment notes, result files, weight sparsity."""
+"""What the benchmark scripts share: quiet Trainer settings, environment notes, result files, weight sparsity, and the
+fine-tuning helpers of the accuracy benchmarks (progress lines, a Trainer-free copy, test accuracy)."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,16 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
     return json_path, md_path
 
 
+def command_line() -> str:
+    """How this benchmark was started, its script path relative to the project root (for the results files)."""
+    import sys
+
+    script = Path(sys.argv[0]).resolve()
+    root = Path(__file__).resolve().parent.parent
+    shown = script.relative_to(root).as_posix() if script.is_relative_to(root) else script.name
+    return " ".join(["python", shown, *sys.argv[1:]])
+
+
 def env_markdown(env: dict[str, Any], command: str) -> str:
     return (
         f"- command: `{command}`\n"
@@ -89,3 +102,61 @@ def env_markdown(env: dict[str, Any], command: str) -> str:
         f"- torch {env['torch']}, pytorch-lightning {env['pytorch_lightning']}, Python {env['python']}\n"
         f"- torch threads: {env['torch_threads']} (`torch.set_num_threads`); machine: {env['machine']}\n"
     )
+
+
+class Progress(pl.Callback):
+    """Prints the training loss every ``every`` steps and records each step's wall time (``times``, seconds:
+    ``on_train_batch_start`` to ``on_train_batch_end`` of this callback)."""
+
+    def __init__(self, config: str, every: int) -> None:
+        self.config, self.every, self.t0 = config, every, time.perf_counter()
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._t)
+        if trainer.global_step % self.every == 0:
+            loss = trainer.callback_metrics.get("train/loss")
+            print(
+                f"[{self.config}] step {trainer.global_step} at {time.perf_counter() - self.t0:.0f} s, "
+                f"train/loss {float(loss) if loss is not None else float('nan'):.3f}",
+                flush=True,
+            )
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that leaves a LightningModule's Trainer behind."""
+    trainer = model.__dict__.get("_trainer")
+    return copy.deepcopy(model, {} if trainer is None else {id(trainer): None})
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, limit: int | None) -> dict[str, Any]:
+    """Accuracy over the test loader (first ``limit`` examples if set), the predictions and the wall time."""
+    model.eval()
+    preds, targets, seen = [], [], 0
+    t0 = time.perf_counter()
+    for batch in loader:
+        logits, y = model.logits_and_targets(batch)
+        preds.append(logits.argmax(-1))
+        targets.append(y)
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            break
+    pred, target = torch.cat(preds), torch.cat(targets)
+    if limit is not None:
+        pred, target = pred[:limit], target[:limit]
+    return {
+        "acc": float((pred == target).float().mean()),
+        "n": len(target),
+        "eval_s": time.perf_counter() - t0,
+        "pred": pred,
+    }
+
+
+def public(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """An ``evaluate`` result without the predictions (for the JSON file)."""
+    return {k: v for k, v in evaluation.items() if k != "pred"}

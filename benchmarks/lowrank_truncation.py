@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env_markdown, environment, set_threads, write_results  # noqa: E402
+from _common import command_line, env_markdown, environment, set_threads, write_results  # noqa: E402
 
 from lightning_compress.lowrank import LayerSpectrum, factor, rank_for_ratio, ranks_for_budget  # noqa: E402
 from lightning_compress.lowrank.whitening import whitened_factors  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
     from lightning_compress.data import RottenTomatoesDataModule
     from lightning_compress.models import MiniLMClassifier
 
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    command = command_line()
     t0 = time.perf_counter()
     data = RottenTomatoesDataModule(batch_size=32, seed=0)
     data.setup("fit")

@@ -50,7 +50,7 @@ from pytorch_lightning.callbacks import ModelPruning
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import QUIET, env_markdown, environment, set_threads, weight_sparsity, write_results  # noqa: E402
+from _common import QUIET, command_line, env_markdown, environment, set_threads, weight_sparsity, write_results  # noqa: E402
 
 from lightning_compress import GradualPruning  # noqa: E402
 from lightning_compress.data import FashionMNISTDataModule  # noqa: E402
@@ -163,7 +163,7 @@ def main() -> None:
     if unknown := set(configs) - set(CONFIGS):
         parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
     set_threads(args.threads)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    command = command_line()
     settings = vars(args)
     t0 = time.perf_counter()
     if args.jobs > 1:

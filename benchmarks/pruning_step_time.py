@@ -63,7 +63,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import QUIET, env_markdown, environment, set_threads, spread, weight_sparsity, write_results  # noqa: E402
+from _common import QUIET, command_line, env_markdown, environment, set_threads, spread, weight_sparsity, write_results  # noqa: E402
 
 from lightning_compress import CompressionMonitor, GradualPruning  # noqa: E402
 from lightning_compress.data import FashionMNISTDataModule  # noqa: E402
@@ -248,7 +248,7 @@ def main() -> None:
     if args.ramp % 10 or args.drop + args.ramp >= args.measured_epochs * args.steps_per_epoch:
         parser.error("--ramp must be a multiple of 10 and end inside the measured window")
     set_threads(args.threads)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    command = command_line()
 
     data = [FashionMNISTDataModule(batch_size=128) for _ in configs]  # one per Trainer (a DataModule holds its trainer)
     data[0].setup("fit")

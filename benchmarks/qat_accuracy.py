@@ -70,7 +70,6 @@ Step time, two ways:
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import multiprocessing as mp
 import statistics
@@ -85,7 +84,19 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import QUIET, env_markdown, environment, set_threads, spread, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    QUIET,
+    Progress,
+    command_line,
+    detached_copy,
+    env_markdown,
+    environment,
+    evaluate,
+    public,
+    set_threads,
+    spread,
+    write_results,
+)
 
 from lightning_compress import QuantizationAwareTraining  # noqa: E402
 
@@ -134,56 +145,8 @@ class StepTimer:
         }
 
 
-class Progress(pl.Callback):
-    def __init__(self, config: str, every: int) -> None:
-        self.config, self.every, self.t0 = config, every, time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step % self.every == 0:
-            loss = trainer.callback_metrics.get("train/loss")
-            print(
-                f"[{self.config}] step {trainer.global_step} at {time.perf_counter() - self.t0:.0f} s, "
-                f"train/loss {float(loss) if loss is not None else float('nan'):.3f}",
-                flush=True,
-            )
-
-
-def detached_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that leaves a LightningModule's Trainer behind."""
-    trainer = model.__dict__.get("_trainer")
-    return copy.deepcopy(model, {} if trainer is None else {id(trainer): None})
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, limit: int | None) -> dict[str, Any]:
-    """Accuracy over the test loader (first ``limit`` examples if set), the predictions and the wall time."""
-    model.eval()
-    preds, targets, seen = [], [], 0
-    t0 = time.perf_counter()
-    for batch in loader:
-        logits, y = model.logits_and_targets(batch)
-        preds.append(logits.argmax(-1))
-        targets.append(y)
-        seen += len(y)
-        if limit is not None and seen >= limit:
-            break
-    pred, target = torch.cat(preds), torch.cat(targets)
-    if limit is not None:
-        pred, target = pred[:limit], target[:limit]
-    return {
-        "acc": float((pred == target).float().mean()),
-        "n": len(target),
-        "eval_s": time.perf_counter() - t0,
-        "pred": pred,
-    }
-
-
 def agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
     return float((a["pred"] == b["pred"]).float().mean())
-
-
-def public(evaluation: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in evaluation.items() if k != "pred"}
 
 
 def qat_callback(config: str, total: int) -> tuple[QuantizationAwareTraining, dict[str, Any]]:
@@ -409,7 +372,7 @@ def main() -> None:
     if unknown := set(configs) - set(CONFIGS):
         parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
     set_threads(args.threads)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    command = command_line()
     settings = vars(args)
     minilm = [c for c in configs if c in MINILM_CONFIGS and c not in SEPARATE]
     groups = ([("minilm", minilm)] if minilm else []) + [("cnn", [c]) for c in configs if c in CNN_CONFIGS]
