@@ -10,6 +10,14 @@ and, with twice the steps for both the dense and the low-rank fine-tune (benchma
     .venv/bin/python benchmarks/lowrank_accuracy.py --steps 300 --seed 0 --jobs 2 --rounds 6 \
         --configs minilm_fp32,lowrank_budget48 --name lowrank_accuracy_300
 
+(both before `calibration_steps` existed, and before ranks_for_budget shared the budget out in equal shares), then
+activation-aware (benchmarks/results/lowrank_accuracy_cal_300.* and lowrank_accuracy_cal.*):
+
+    .venv/bin/python benchmarks/lowrank_accuracy.py --steps 300 --seed 0 --jobs 2 --rounds 6 \
+        --configs minilm_fp32,lowrank_ratio32_cal_oneshot,lowrank_budget48_cal_oneshot --name lowrank_accuracy_cal_300
+    .venv/bin/python benchmarks/lowrank_accuracy.py --steps 150 --seed 0 --jobs 2 --no-latency \
+        --configs minilm_fp32,lowrank_ratio32_cal,lowrank_ratio32_cal_oneshot --name lowrank_accuracy_cal
+
 Every process runs `torch.set_num_threads(1)`. The recipe is qat_accuracy.py's MiniLM fine-tune: Rotten Tomatoes
 (`RottenTomatoesDataModule`: 9,808 train / 1,000 val / 2,000 test snippets, max_length 64, batch 32),
 `MiniLMClassifier` (all-MiniLM-L6-v2 + mean pooling + Linear head, AdamW 2e-5, weight decay 0.01, every module in
@@ -26,15 +34,20 @@ Configurations (`LOWRANK` below holds the exact arguments):
   `end_step` (every `update_every` steps), fine-tuning goes on at the target ranks for the remaining steps, and at fit
   end the callback truncates every layer to its active components. The target:
   - `lowrank_budget48`: `param_budget=0.48`: the 36 layers together keep at most 48 % of their dense weights, ranks
-    allocated across layers by singular-value energy per weight (0.48 rather than 0.5 so that the reduction stays
-    >= 50 % with the biases, which the factorisation keeps, counted in);
+    allocated across layers by `ranks_for_budget` (0.48 rather than 0.5 so that the reduction stays >= 50 % with the
+    biases, which the factorisation keeps, counted in; the committed weight-only runs used its earlier greedy
+    allocation by energy per weight, today's gives every layer the same share of its spectrum);
   - `lowrank_ratio32`: `rank_ratio=0.32`: every layer keeps ceil(0.32 * 384) = 123 of its 384 directions (uniform;
     48 % of the weights);
   - `lowrank_energy72`: `energy=0.72`: each layer keeps the fewest directions holding 72 % of its squared singular
     values (46.5 % of the weights on the pretrained encoder; not in the committed results);
   - schedules are fractions of `--steps`: start 0, end 0.6, a rank update every 10 steps (at 150 steps the ranks fall
     during the first 90 steps, then 60 steps at the target); `_ramp`: end 0.33, every 5 steps (50 steps of ramp,
-    100 at the target).
+    100 at the target);
+  - `_cal`: activation-aware, `calibration_steps=16`: the layers gather their inputs' second moment over steps
+    1-16, at step 16 (`start_step`) the factors are rebased on the whitened SVD, then the cubic ramp to 0.6 of the
+    steps; `_cal_oneshot`: the same rebase, then `schedule="constant"`: every layer at its target rank at once at
+    step 16 (the schedule's end_step and update_every are then unused; the results table still lists them).
 
 What is reported per configuration, counted from the trained model after fit (so from the truncated layers): the
 encoder Linear parameters (weights and biases of the 36 layers; weights alone too) dense vs now, the reduction, every
@@ -58,7 +71,6 @@ through `LowRankLinear` with all components active (no rank mask multiply left).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import multiprocessing as mp
 import re
@@ -75,11 +87,25 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import QUIET, env_markdown, environment, set_threads, spread, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    QUIET,
+    Progress,
+    command_line,
+    detached_copy,
+    env_markdown,
+    environment,
+    evaluate,
+    public,
+    set_threads,
+    spread,
+    write_results,
+)
 
 from lightning_compress.lowrank import LowRankLinear, LowRankRefactoring  # noqa: E402
 
 ENCODER_LINEARS = r"encoder\.encoder\.layer\..*"
+CALIBRATED = {"calibration_steps": 16}
+ONE_SHOT = {"schedule": "constant", "end": 0.6, "update_every": 10}  # end/update_every unused by a constant schedule
 #: Low-rank configurations: LowRankRefactoring's target and its schedule (start/end as fractions of --steps).
 LOWRANK: dict[str, dict[str, Any]] = {
     "lowrank_budget48": {"target": {"param_budget": 0.48}, "start": 0.0, "end": 0.6, "update_every": 10},
@@ -89,56 +115,17 @@ LOWRANK: dict[str, dict[str, Any]] = {
     "lowrank_ratio32_ramp": {"target": {"rank_ratio": 0.32}, "start": 0.0, "end": 0.33, "update_every": 5},
     "lowrank_energy72": {"target": {"energy": 0.72}, "start": 0.0, "end": 0.6, "update_every": 10},
     "lowrank_energy72_ramp": {"target": {"energy": 0.72}, "start": 0.0, "end": 0.33, "update_every": 5},
+    # Activation-aware (calibration_steps): input statistics over the first 16 steps, rebase at step 16, then the
+    # cubic ramp to 0.6 of the steps (`_cal`) or every layer at its target rank at once (`_cal_oneshot`).
+    "lowrank_ratio32_cal": {"target": {"rank_ratio": 0.32}, **CALIBRATED, "end": 0.6, "update_every": 10},
+    "lowrank_budget48_cal": {"target": {"param_budget": 0.48}, **CALIBRATED, "end": 0.6, "update_every": 10},
+    "lowrank_ratio32_cal_oneshot": {"target": {"rank_ratio": 0.32}, **CALIBRATED, **ONE_SHOT},
+    "lowrank_budget48_cal_oneshot": {"target": {"param_budget": 0.48}, **CALIBRATED, **ONE_SHOT},
 }
 FIT_CONFIGS = ("minilm_fp32", *LOWRANK)
 CONFIGS = (*FIT_CONFIGS, "latency")
 KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
          "intermediate.dense", "output.dense")  # fmt: skip
-
-
-class Progress(pl.Callback):
-    def __init__(self, config: str, every: int) -> None:
-        self.config, self.every, self.t0 = config, every, time.perf_counter()
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._t)
-        if trainer.global_step % self.every == 0:
-            loss = trainer.callback_metrics.get("train/loss")
-            print(
-                f"[{self.config}] step {trainer.global_step} at {time.perf_counter() - self.t0:.0f} s, "
-                f"train/loss {float(loss) if loss is not None else float('nan'):.3f}",
-                flush=True,
-            )
-
-
-def detached_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that leaves a LightningModule's Trainer behind."""
-    trainer = model.__dict__.get("_trainer")
-    return copy.deepcopy(model, {} if trainer is None else {id(trainer): None})
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, limit: int | None) -> dict[str, Any]:
-    """Accuracy over the test loader (first ``limit`` examples if set) and the wall time."""
-    model.eval()
-    preds, targets, seen = [], [], 0
-    t0 = time.perf_counter()
-    for batch in loader:
-        logits, y = model.logits_and_targets(batch)
-        preds.append(logits.argmax(-1))
-        targets.append(y)
-        seen += len(y)
-        if limit is not None and seen >= limit:
-            break
-    pred, target = torch.cat(preds), torch.cat(targets)
-    if limit is not None:
-        pred, target = pred[:limit], target[:limit]
-    return {"acc": float((pred == target).float().mean()), "n": len(target), "eval_s": time.perf_counter() - t0}
 
 
 def encoder_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -189,10 +176,13 @@ def rank_summary(ranks: dict[str, int]) -> dict[str, Any]:
 
 def lowrank_callback(config: str, total: int) -> tuple[LowRankRefactoring, dict[str, Any]]:
     spec = LOWRANK[config]
-    start = round(spec["start"] * total)
+    calibration = spec.get("calibration_steps", 0)
+    start = max(calibration, round(spec.get("start", 0.0) * total))
     end = max(start + 1, round(spec["end"] * total))
     schedule = {**spec["target"], "start_step": start, "end_step": end, "update_every": spec["update_every"],
-                "schedule": "cubic", "include": [ENCODER_LINEARS]}  # fmt: skip
+                "schedule": spec.get("schedule", "cubic"), "include": [ENCODER_LINEARS]}  # fmt: skip
+    if calibration:
+        schedule["calibration_steps"] = calibration
     return LowRankRefactoring(**schedule), schedule
 
 
@@ -239,7 +229,7 @@ def run_fit(config: str, args: dict[str, Any]) -> dict[str, Any]:
         result["ranks"] = now["ranks"]
         result["rank_summary"] = rank_summary(now["ranks"])
         result["target_ranks_match"] = now["ranks"] == callback.target_ranks
-    result["test"] = evaluate(model, data.test_dataloader(), args["limit_test"])
+    result["test"] = public(evaluate(model, data.test_dataloader(), args["limit_test"]))
     torch.save(detached_copy(model).eval(), Path(args["save_dir"]) / f"{config}.pt")
     _report(result)
     return result
@@ -372,7 +362,7 @@ def main() -> None:
     if unknown := set(configs) - set(CONFIGS):
         parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
     set_threads(args.threads)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    command = command_line()
     fits = [c for c in FIT_CONFIGS if c in configs]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowrank_accuracy_") as save_dir:
