@@ -191,6 +191,25 @@ def test_truncated_layer_is_smaller_and_computes_the_same(kind: str) -> None:
     assert small.rebuild_args()["rank"] == 5
 
 
+def test_a_truncated_linear_holds_its_factors_in_the_layout_cpu_gemms_run_fastest() -> None:
+    """Shapes as always, memory transposed: F.linear then multiplies by row-major [in, rank] and [rank, out]
+    matrices. The layout survives a state-dict round trip and is recorded for save/load_compressed."""
+    torch.manual_seed(0)
+    layer, _ = LowRankLinear.from_linear(nn.Linear(40, 30))
+    assert layer.first.is_contiguous() and not layer.inference_layout  # training layout: what DDP/DeepSpeed expect
+    keep_top(layer, 6)
+    small = layer.truncated()
+    assert small.inference_layout and small.rebuild_args()["inference_layout"] is True
+    assert small.first.shape == (6, 40) and small.first.stride() == (1, 6)
+    assert small.second.shape == (30, 6) and small.second.stride() == (1, 30)
+    again = LowRankLinear(**small.rebuild_args())
+    again.load_state_dict(small.state_dict())
+    assert again.first.stride() == (1, 6) and torch.equal(again.first, small.first)
+    x = torch.randn(7, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
 def test_switched_off_components_receive_zero_gradient() -> None:
     torch.manual_seed(0)
     for layer in (LowRankLinear.from_linear(nn.Linear(12, 10))[0], LowRankConv2d.from_conv2d(nn.Conv2d(3, 10, 3))[0]):
@@ -396,6 +415,7 @@ def test_a_truncated_model_saves_and_loads_without_a_skeleton(tmp_path: Path) ->
     assert isinstance(loaded.net.conv2, LowRankConv2d) and isinstance(loaded.net.fc1, LowRankLinear)
     assert loaded.net.conv2.first.shape == model.net.conv2.first.shape == (16, 32, 3, 3)
     assert loaded.net.fc2.active_rank == 3
+    assert loaded.net.fc1.inference_layout and loaded.net.fc1.first.stride() == (1, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)
 

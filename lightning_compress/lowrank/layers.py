@@ -48,9 +48,16 @@ class _Factorised(nn.Module):
     bias: nn.Parameter | None
     rank_mask: torch.Tensor
 
-    def _init_factors(self, first_shape: tuple[int, ...], second_shape: tuple[int, int], bias: bool) -> None:
-        self.first = nn.Parameter(torch.empty(first_shape))
-        self.second = nn.Parameter(torch.empty(second_shape))
+    def _init_factors(
+        self, first_shape: tuple[int, ...], second_shape: tuple[int, int], bias: bool, transposed: bool = False
+    ) -> None:
+        """``transposed``: each factor's memory is its transpose's, row-major (shapes unchanged); see LowRankLinear."""
+
+        def empty(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.empty(shape[::-1]).t() if transposed else torch.empty(shape)
+
+        self.first = nn.Parameter(empty(first_shape))
+        self.second = nn.Parameter(empty(second_shape))
         self.bias = nn.Parameter(torch.zeros(second_shape[0])) if bias else None
         self.register_buffer("rank_mask", torch.ones(first_shape[0], dtype=torch.bool))
         self._active = first_shape[0]  # host-side count of active directions: forward skips the mask when all are
@@ -165,9 +172,14 @@ class _Factorised(nn.Module):
         """A physically smaller copy holding only the active components (not collective: gather first)."""
         keep = self.rank_mask.nonzero().flatten()
         first, second = self.first.detach()[keep], self.second.detach()[:, keep]
-        out = type(self)(**{**self.rebuild_args(), "rank": first.shape[0]}).to(first.device, first.dtype)
+        out = type(self)(**{**self.rebuild_args(), **self._truncated_args(), "rank": first.shape[0]})
+        out = out.to(first.device, first.dtype)
         out._load_factors(first, second, self.bias)
         return out
+
+    def _truncated_args(self) -> dict[str, Any]:
+        """Constructor arguments the truncated (inference) copy adds to ``rebuild_args``."""
+        return {}
 
 
 def _refresh_mask_cache(module: nn.Module, incompatible_keys: object) -> None:
@@ -177,12 +189,22 @@ def _refresh_mask_cache(module: nn.Module, incompatible_keys: object) -> None:
 
 
 class LowRankLinear(_Factorised):
-    """``y = second @ (first @ x) + bias``: a Linear ``[out, in]`` as factors ``[rank, in]`` and ``[out, rank]``."""
+    """``y = second @ (first @ x) + bias``: a Linear ``[out, in]`` as factors ``[rank, in]`` and ``[out, rank]``.
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+    ``inference_layout=True`` (what truncation produces) keeps each factor's memory in its transpose's row-major
+    order, shapes unchanged: ``F.linear`` then multiplies by a row-major ``[in, rank]`` / ``[rank, out]`` matrix, which
+    CPU GEMMs (MKL) run markedly faster for thin factors than the transposed operand a Linear weight gives them
+    (measured: a rank-128 4 x Linear(1024) MLP's factors in 0.92 ms against 1.30 ms, 1 thread). Training layers keep
+    the default layout, which DDP's gradient buckets and DeepSpeed's flat buffers expect.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = True, inference_layout: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_factors((rank, in_features), (out_features, rank), bias)
+        self.inference_layout = inference_layout
+        self._init_factors((rank, in_features), (out_features, rank), bias, transposed=inference_layout)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> tuple[LowRankLinear, torch.Tensor]:
@@ -199,8 +221,12 @@ class LowRankLinear(_Factorised):
 
     def rebuild_args(self) -> dict[str, Any]:
         """The constructor arguments (JSON-able) of this layer's empty skeleton."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+        args = {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
                 "bias": self.bias is not None}  # fmt: skip
+        return {**args, "inference_layout": True} if self.inference_layout else args
+
+    def _truncated_args(self) -> dict[str, Any]:
+        return {"inference_layout": True}
 
     def dense_weight_shape(self) -> tuple[int, ...]:
         return (self.out_features, self.in_features)
