@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import FitResult, FitSpec, run_fit
+from launch import STRATEGIES, FitResult, FitSpec, fits_by_strategy, run_fit
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,35 +42,12 @@ trainer:
 """
 
 
-STRATEGIES = {
-    "ddp": {"strategy": "ddp"},
-    "zero1": {"strategy": "deepspeed", "zero_stage": 1},
-    "zero2": {"strategy": "deepspeed", "zero_stage": 2},
-    "zero3": {"strategy": "deepspeed", "zero_stage": 3},
-}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted_fit(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], FitResult]:
     """The 24-step fit of a strategy, run once per module: it truncates at fit end and saves ``final.ckpt`` after
     ``fit`` returns, and checkpoints at STOP_STEP for the resume tests."""
-    recipe = tmp_path_factory.mktemp("recipe") / "lowrank.yaml"
-    recipe.write_text(recipe_text(truncate_at_fit_end=True))
-    done: dict[str, FitResult] = {}
-
-    def get(name: str) -> FitResult:
-        if name not in done:
-            spec = FitSpec(
-                **STRATEGIES[name],
-                max_steps=MAX_STEPS,
-                recipe=str(recipe),
-                checkpoint_every_n_steps=STOP_STEP,
-                save_checkpoint=True,
-            )
-            done[name] = run_fit(spec, tmp_path_factory.mktemp(name))
-        return done[name]
-
-    return get
+    return fits_by_strategy(tmp_path_factory.mktemp, recipe_text(truncate_at_fit_end=True), max_steps=MAX_STEPS,
+                            checkpoint_every_n_steps=STOP_STEP, save_checkpoint=True)  # fmt: skip
 
 
 def masks(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -235,18 +212,8 @@ trainer:
 
 @pytest.fixture(scope="module")
 def calibrated_fit(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], FitResult]:
-    recipe = tmp_path_factory.mktemp("recipe") / "lowrank_calibrated.yaml"
-    recipe.write_text(CALIBRATED_RECIPE)
-    done: dict[str, FitResult] = {}
-
-    def get(name: str) -> FitResult:
-        if name not in done:
-            spec = FitSpec(**STRATEGIES[name], max_steps=MAX_STEPS, recipe=str(recipe),
-                           checkpoint_every_n_steps=STOP_STEP)  # fmt: skip
-            done[name] = run_fit(spec, tmp_path_factory.mktemp(f"{name}_calibrated"))
-        return done[name]
-
-    return get
+    return fits_by_strategy(tmp_path_factory.mktemp, CALIBRATED_RECIPE, max_steps=MAX_STEPS,
+                            checkpoint_every_n_steps=STOP_STEP)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

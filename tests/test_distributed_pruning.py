@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import FitResult, FitSpec, run_fit
+from launch import STRATEGIES, FitResult, FitSpec, fits_by_strategy, run_fit
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -22,34 +22,12 @@ trainer:
     - class_path: lightning_compress.GradualPruning
       init_args: {{target_sparsity: {TARGET}, start_step: 0, end_step: 16, update_every: 4}}
 """
-STRATEGIES = {
-    "ddp": {"strategy": "ddp"},
-    "zero1": {"strategy": "deepspeed", "zero_stage": 1},
-    "zero2": {"strategy": "deepspeed", "zero_stage": 2},
-    "zero3": {"strategy": "deepspeed", "zero_stage": 3},
-}
 
 
 @pytest.fixture(scope="module")
 def pruned_fit(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., FitResult]:
-    recipe = tmp_path_factory.mktemp("recipe") / "prune.yaml"
-    recipe.write_text(RECIPE)
-    done: dict[tuple[str, bool], FitResult] = {}
-
-    def get(name: str, mask_module_only: bool = False) -> FitResult:
-        if (name, mask_module_only) not in done:
-            spec = FitSpec(
-                **STRATEGIES[name],
-                max_steps=24,
-                recipe=str(recipe),
-                watch_masks=True,
-                save_checkpoint=True,
-                mask_module_only=mask_module_only,
-            )
-            done[name, mask_module_only] = run_fit(spec, tmp_path_factory.mktemp(name))
-        return done[name, mask_module_only]
-
-    return get
+    """``pruned_fit(name, mask_module_only=False)``: the 24-step pruning fit of a strategy, run once per module."""
+    return fits_by_strategy(tmp_path_factory.mktemp, RECIPE, max_steps=24, watch_masks=True, save_checkpoint=True)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

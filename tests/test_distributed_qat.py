@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import FitResult, FitSpec, run_fit
+from launch import STRATEGIES, FitResult, FitSpec, fits_by_strategy, run_fit
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -35,30 +35,12 @@ PRUNE_AND_QAT_RECIPE = (
 )
 MAX_STEPS = 24
 STOP_STEP = 19  # the first epoch's last step, between start_step and freeze_observers_step
-STRATEGIES = {
-    "ddp": {"strategy": "ddp"},
-    "zero1": {"strategy": "deepspeed", "zero_stage": 1},
-    "zero2": {"strategy": "deepspeed", "zero_stage": 2},
-    "zero3": {"strategy": "deepspeed", "zero_stage": 3},
-}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_fit(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], FitResult]:
     """The 24-step QAT fit of a strategy, run once per module; it checkpoints at STOP_STEP for the resume tests."""
-    recipe = tmp_path_factory.mktemp("recipe") / "qat.yaml"
-    recipe.write_text(RECIPE)
-    done: dict[str, FitResult] = {}
-
-    def get(name: str) -> FitResult:
-        if name not in done:
-            spec = FitSpec(
-                **STRATEGIES[name], max_steps=MAX_STEPS, recipe=str(recipe), checkpoint_every_n_steps=STOP_STEP
-            )
-            done[name] = run_fit(spec, tmp_path_factory.mktemp(name))
-        return done[name]
-
-    return get
+    return fits_by_strategy(tmp_path_factory.mktemp, RECIPE, max_steps=MAX_STEPS, checkpoint_every_n_steps=STOP_STEP)
 
 
 def quantization_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

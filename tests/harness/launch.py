@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,3 +77,30 @@ def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(spec.devices)]
     initial = torch.load(out_dir / "initial.pt", weights_only=True)
     return FitResult(spec=spec, out_dir=out_dir, ranks=ranks, initial=initial, log=proc.stdout)
+
+
+#: The strategies the distributed tests run, as FitSpec arguments (2 CPU processes each).
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "ddp": {"strategy": "ddp"},
+    "zero1": {"strategy": "deepspeed", "zero_stage": 1},
+    "zero2": {"strategy": "deepspeed", "zero_stage": 2},
+    "zero3": {"strategy": "deepspeed", "zero_stage": 3},
+}
+
+
+def fits_by_strategy(folder: Callable[[str], Path], recipe_text: str, **spec: Any) -> Callable[..., FitResult]:
+    """``get(name, **more)``: the fit of ``recipe_text`` under strategy ``name`` (a key of STRATEGIES) with the
+    FitSpec arguments ``spec`` and ``more``, run on first use and kept: a module-scoped fixture returns this.
+    ``folder(label)`` makes a fresh folder (``tmp_path_factory.mktemp``)."""
+    recipe = folder("recipe") / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    done: dict[tuple, FitResult] = {}
+
+    def get(name: str, **more: Any) -> FitResult:
+        key = (name, *sorted(more.items()))
+        if key not in done:
+            fit_spec = FitSpec(**STRATEGIES[name], recipe=str(recipe), **spec, **more)
+            done[key] = run_fit(fit_spec, folder(name))
+        return done[key]
+
+    return get
