@@ -94,15 +94,8 @@ def mask_(params: Sequence[nn.Parameter], masks: Sequence[torch.Tensor]) -> None
 def _mask_zero3_shard(param: nn.Parameter, mask: torch.Tensor) -> None:
     """ZeRO-3: this rank holds elements ``[rank * n, (rank + 1) * n)`` of the flattened parameter (padded at the end),
     in the module's ``ds_tensor`` and in the fp32 partition alike."""
-    import torch.distributed as dist
-
     shard = param.ds_tensor
-    size = shard.numel()
-    start = size * dist.get_rank(group=param.ds_process_group)
-    flat = mask.flatten().to(shard.device)
-    piece = torch.ones(size, dtype=torch.bool, device=shard.device)  # padding stays as it is
-    valid = max(0, min(size, flat.numel() - start))
-    piece[:valid] = flat[start : start + valid]
+    piece = _zero3_piece(param, mask.to(torch.bool), pad=True)  # padding stays as it is
     shard.data.mul_(piece.view_as(shard))
     if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
         _mask_fp32_master(param, piece)
@@ -123,11 +116,9 @@ def _mask_fp32_master(param: nn.Parameter, piece: torch.Tensor) -> None:
 def _write_fp32_masters(params: Sequence[nn.Parameter], edit: Callable[[int, torch.Tensor], object]) -> None:
     if not any(has_fp32_master(p) for p in params):
         return
-    from deepspeed.utils import safe_get_full_fp32_param
-
     for i, param in enumerate(params):
         if has_fp32_master(param):
-            master = safe_get_full_fp32_param(param)
+            master = _full_master(param)
             edit(i, master)
             _set_full_master(param, master)
 
@@ -154,14 +145,16 @@ def _set_full_master(param: nn.Parameter, value: torch.Tensor, key: str | None =
         safe_set_full_optimizer_state(param, value, key)
 
 
-def _zero3_piece(param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
-    """This rank's partition of a full value: elements ``[rank * n, (rank + 1) * n)`` of it flattened, zero-padded."""
+def _zero3_piece(param: nn.Parameter, value: torch.Tensor, pad: bool | float = 0.0) -> torch.Tensor:
+    """ZeRO-3: this rank's partition of a full value, elements ``[rank * n, (rank + 1) * n)`` of it flattened, on the
+    shard's device; the positions past the value's end (the last partition's padding) hold ``pad``."""
     import torch.distributed as dist
 
-    size = param.ds_tensor.numel()
+    shard = param.ds_tensor
+    size = shard.numel()
     start = size * dist.get_rank(group=param.ds_process_group)
-    flat = value.detach().flatten()
-    piece = flat.new_zeros(size)
+    flat = value.detach().flatten().to(shard.device)
+    piece = torch.full((size,), pad, dtype=flat.dtype, device=shard.device)
     valid = max(0, min(size, flat.numel() - start))
     piece[:valid] = flat[start : start + valid]
     return piece
@@ -184,15 +177,15 @@ def all_reduce_extrema_(minima: Sequence[torch.Tensor], maxima: Sequence[torch.T
 def full_training_values(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
     """Full copies of ``params`` as the optimizer holds them: DeepSpeed's fp32 master copy where there is one (the
     module may hold a bf16/fp16 rounding of it), else the module's values. Collective under DeepSpeed."""
-    if not any(has_fp32_master(p) for p in params):
-        return full_values(params)
+    module_values = iter(full_values([p for p in params if not has_fp32_master(p)]))
+    return [_full_master(p) if has_fp32_master(p) else next(module_values) for p in params]
+
+
+def _full_master(param: nn.Parameter) -> torch.Tensor:
+    """A full copy of DeepSpeed's fp32 master of ``param`` (collective)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    module_values = full_values([p for p in params if not has_fp32_master(p)])
-    out = []
-    for param in params:
-        out.append(safe_get_full_fp32_param(param).detach().clone() if has_fp32_master(param) else module_values.pop(0))
-    return out
+    return safe_get_full_fp32_param(param).detach().clone()
 
 
 def optimizer_state_keys(optimizers: Sequence[torch.optim.Optimizer], param: nn.Parameter) -> list[str]:

@@ -182,17 +182,11 @@ class LowRankRefactoring(Callback):
                 weight = module.weight.detach().reshape(distributed.full_shape(module.weight)[0], -1)
                 singular = torch.linalg.svdvals(weight.double()).float()
             spectra[name] = LayerSpectrum(name, weight.shape[0], weight.shape[1], singular)
-        targets = self._target_ranks(list(spectra.values()))  # with calibration also a check of the budget's floor
-        if self._targets_from_data:  # chosen at start_step from the whitened spectra: factorise what can save
-            targets = {name: 0 for name, spectrum in spectra.items() if spectrum.max_useful_rank(self.min_saving) >= 1}
+        targets = self._target_ranks(list(spectra.values()))  # calibrated energy/budget: only a check of the floor
+        if self._targets_from_data:  # the targets come from the whitened spectra at start_step
+            targets = {}
+            factorise = [name for name, spectrum in spectra.items() if spectrum.max_useful_rank(self.min_saving) >= 1]
         skipped = {name: "grouped or non-zero-padded convolution" for name in modules if name not in spectra}
-        skipped.update(
-            {
-                name: f"no rank makes it `min_saving`={self.min_saving:g} smaller"
-                for name in spectra
-                if name not in targets
-            }
-        )
         for name, rank in list(targets.items()):
             spectrum = spectra[name]
             if rank > spectrum.max_useful_rank(self.min_saving):
@@ -201,14 +195,23 @@ class LowRankRefactoring(Callback):
                     f" {spectrum.dense_params:,} dense: not `min_saving`={self.min_saving:g} fewer"
                 )
                 del targets[name]
-        if not targets:
+        if not self._targets_from_data:
+            factorise = list(targets)
+        skipped.update(
+            {
+                name: f"no rank makes it `min_saving`={self.min_saving:g} smaller"
+                for name in spectra
+                if name not in factorise and name not in skipped
+            }
+        )
+        if not factorise:
             raise ValueError(
                 f"LowRankRefactoring would make no layer of {type(model).__name__} smaller with"
                 f" `{self.criterion}`={self.value}: {'; '.join(f'{n}: {r}' for n, r in skipped.items())}."
                 " HINT: ask for a lower rank_ratio / energy / param_budget, or target larger layers."
             )
         layers = {}
-        for name in targets:
+        for name in factorise:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             module = getattr(parent, child)
@@ -217,7 +220,7 @@ class LowRankRefactoring(Callback):
             )
             setattr(parent, child, layer)
             layers[name] = layer
-        return layers, {n: r for n, r in targets.items() if r > 0}, skipped
+        return layers, targets, skipped
 
     @property
     def _targets_from_data(self) -> bool:

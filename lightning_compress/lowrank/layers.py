@@ -89,11 +89,12 @@ class _Factorised(nn.Module):
         mean square of each hidden component on the data (``E[h_i^2]``, ``h = first @ x``): ``||second_i|| *
         sqrt(E[h_i^2])``, the RMS of what the component adds to the outputs.
         """
-        with gathered([self.first, self.second]):
-            first = self.first.detach().flatten(1).float().norm(dim=1)
+        with gathered([self.first, self.second] if hidden_energy is None else [self.second]):
             second = self.second.detach().float().norm(dim=0)
-        if hidden_energy is not None:
-            first = hidden_energy.to(second.device, torch.float32).clamp_min(0).sqrt()
+            if hidden_energy is None:
+                first = self.first.detach().flatten(1).float().norm(dim=1)
+            else:
+                first = hidden_energy.to(second.device, torch.float32).clamp_min(0).sqrt()
         return torch.where(self.rank_mask.to(second.device), first * second, torch.zeros_like(second))
 
     def _observe(self, inputs: torch.Tensor, hidden: torch.Tensor) -> None:
