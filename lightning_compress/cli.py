@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 
-from lightning_compress._lightning import LightningDataModule, LightningModule
+from lightning_compress._lightning import LightningDataModule, LightningModule, submodule
 from lightning_compress.recipes import RecipeError, validate_recipe_file
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -35,7 +35,7 @@ def config_paths(argv: Sequence[str]) -> Iterator[str]:
 
 def run_lightning_cli(argv: list[str] | None) -> None:
     """Lightning's CLI over ``argv`` (``None``: read ``sys.argv`` as a console script does)."""
-    from pytorch_lightning.cli import LightningCLI
+    LightningCLI = submodule("cli").LightningCLI
 
     import lightning_compress.data  # noqa: F401  (registers the bundled DataModules for short class names)
     import lightning_compress.models  # noqa: F401  (registers the bundled models)

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_compress._lightning import pl
+from lightning_compress._lightning import loggers_of, pl
 from lightning_compress.monitor.measure import ModelReport
 
 TABLE_COLUMNS = ["layer", "type", "shape", "sparsity", "rank", "bits", "params", "params_effective", "bytes"]
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
-    from pytorch_lightning.loggers import WandbLogger
-
-    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    return loggers_of(trainer, "WandbLogger")
 
 
 def define_metrics(trainer: pl.Trainer) -> None:
