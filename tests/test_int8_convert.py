@@ -271,9 +271,71 @@ def test_an_existing_export_path_is_refused_before_training_and_left_as_it_was(
         ({"convert_at_fit_end": "yes"}, r"`convert_at_fit_end` must be True or False; got 'yes'"),
         ({"export_path": ""}, r"`export_path` must be None or a file path; got ''"),
         ({"export_path": "m.lc", "convert_at_fit_end": False}, r"`export_path` needs `convert_at_fit_end=True`"),
-        ({"weight_group_size": 0}, r"`weight_group_size` must be None .* or a positive int; got 0"),
+        ({"weight_group_size": 0}, r"`weight_group_size` must be an integer >= 1 or None .*; got 0"),
     ],
 )
 def test_bad_conversion_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         QuantizationAwareTraining(8, 8, **kwargs)
+
+
+class LoggedQATLinear(QATLinear):
+    """A user's subclass of a QAT layer: the same arithmetic, plus a count of its forward calls."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return super().forward(x)
+
+
+class LoggedQAT(QuantizationAwareTraining):
+    def swap(self, module: nn.Module) -> QATLinear:
+        return LoggedQATLinear.from_linear(module, self.weight_spec, self.activation_spec)
+
+
+def test_a_users_subclass_of_a_qat_layer_converts_to_int8() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(64, 16)
+    layers = LoggedQAT(weight_bits=8, activation_bits=8).prepare(model)
+    assert {type(layer) for layer in layers.values()} == {LoggedQATLinear}
+    model(x)  # observe
+    for layer in layers.values():
+        layer.enable_fake_quant()
+    with torch.no_grad():
+        expected = model.eval()(x)
+        int8 = convert_to_int8(model)
+        got = int8(x)
+    assert [type(int8[0]), type(int8[2])] == [Int8Linear, Int8Linear]
+    assert LoggedQATLinear.calls > 0 and expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+class HalfOutputQATLinear(QATLinear):
+    """A subclass whose forward differs from its base's overrides ``to_int8`` to say what it converts to."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(x)
+
+    def to_int8(self) -> nn.Module:
+        return nn.Sequential(super().to_int8(), Halve())
+
+
+class Halve(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x
+
+
+def test_a_subclass_that_overrides_to_int8_converts_to_what_it_says() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    layer = HalfOutputQATLinear.from_linear(linear, activation_spec=QuantizationAwareTraining(8, 8).activation_spec)
+    x = torch.randn(32, 16)
+    layer(x)
+    layer.enable_fake_quant()
+    model = nn.Sequential(layer)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        got = convert_to_int8(model)(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -139,7 +139,7 @@ def test_a_global_budget_is_kept_and_every_layer_keeps_about_the_same_share_of_i
         ({"energy": 1.5, "end_step": 10}, r"`energy` must be a number in \(0, 1\]; got 1.5"),
         ({"param_budget": True, "end_step": 10}, r"`param_budget` must be a number in \(0, 1\]; got True"),
         ({"rank_ratio": 0.5}, r"`end_step` must be an integer step after `start_step`=0; got None"),
-        ({"rank_ratio": 0.5, "start_step": 10, "end_step": 10}, r"`end_step` must be an integer step after"),
+        ({"rank_ratio": 0.5, "start_step": 10, "end_step": 10}, r"`end_step` must be greater than `start_step`"),
         ({"rank_ratio": 0.5, "end_step": 10, "schedule": "fast"}, r"`schedule` must be one of cubic, linear"),
         ({"rank_ratio": 0.5, "end_step": 10, "update_every": 0}, r"`update_every` must be an integer >= 1; got 0"),
         ({"rank_ratio": 0.5, "end_step": 10, "min_saving": 1.0}, r"`min_saving` must be a number in \[0, 1\); got 1.0"),
@@ -170,3 +170,29 @@ def test_a_target_that_saves_nothing_anywhere_is_refused() -> None:
 def test_include_matching_nothing_is_refused() -> None:
     with pytest.raises(ValueError, match=r"`include` pattern 'net.fc9' matches no Linear/Conv2d module"):
         LowRankRefactoring(rank_ratio=0.5, end_step=10, include=["net.fc9"]).prepare(ImageClassifier(image_size=8))
+
+
+def test_two_instances_that_differ_only_in_exclude_coexist_and_resume(
+    tmp_path: Path, quiet_trainer_kwargs: dict[str, Any]
+) -> None:
+    """One factorises the convolutions, the other the Linears: their checkpoint states must not collide."""
+
+    def callbacks() -> list[Callback]:
+        settings = {"rank_ratio": 0.5, "start_step": 5, "end_step": 35, "update_every": 5, "truncate_at_fit_end": False}
+        return [
+            LowRankRefactoring(**settings, exclude=[r"net\.fc\d"]),
+            LowRankRefactoring(**settings, exclude=[r"net\.conv\d"]),
+        ]
+
+    convs, linears = callbacks()
+    assert convs.state_key != linears.state_key
+    whole, resumed = whole_and_resumed(quiet_trainer_kwargs, tmp_path, callbacks, max_steps=40)
+    assert isinstance(whole.net.conv2, LowRankConv2d) and isinstance(whole.net.fc1, LowRankLinear)
+    checkpoint = torch.load(tmp_path / "step=19.ckpt", weights_only=False)["callbacks"]
+    assert checkpoint[convs.state_key]["target_ranks"] == {"net.conv1": 5, "net.conv2": 32}
+    assert checkpoint[linears.state_key]["target_ranks"] == {"net.fc1": 64, "net.fc2": 5}
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    assert not bool(expected["net.fc1.rank_mask"].all()) and not bool(expected["net.conv2.rank_mask"].all())
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key

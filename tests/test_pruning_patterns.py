@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytest
 import torch
+from digits_fits import fit
 from torch import nn
 
-from lightning_compress.pruning.patterns import Pattern, compute_masks
+from lightning_compress import GradualPruning
+from lightning_compress.pruning.patterns import (
+    NM,
+    PATTERNS,
+    Channel,
+    Pattern,
+    Scope,
+    Unstructured,
+    compute_masks,
+    lowest_in_scope,
+    register_pattern,
+)
 from lightning_compress.pruning.scoring import PRUNED, magnitude, row_norms
 
 UNSTRUCTURED = Pattern.parse("unstructured")
@@ -46,11 +61,11 @@ def assert_n_m(weight: torch.Tensor, n: int, m: int) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("unstructured", Pattern("unstructured")),
-        ("channel", Pattern("channel")),
-        ("2:4", Pattern("n:m", 2, 4)),
-        ("1:4", Pattern("n:m", 1, 4)),
-        ("4:8", Pattern("n:m", 4, 8)),
+        ("unstructured", Unstructured()),
+        ("channel", Channel()),
+        ("2:4", NM(2, 4)),
+        ("1:4", NM(1, 4)),
+        ("4:8", NM(4, 8)),
     ],
 )
 def test_parse_accepts_the_documented_patterns(text: str, expected: Pattern) -> None:
@@ -277,3 +292,68 @@ def test_partial_n_m_chooses_the_groups_that_lose_least_first() -> None:
 def test_a_yaml_base_60_pattern_gets_a_hint_to_quote_it() -> None:
     with pytest.raises(ValueError, match=r"got 124\. HINT: YAML reads an unquoted N:M as a base-60 number"):
         Pattern.parse(124)  # what YAML 1.1 makes of an unquoted 2:4
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class Blocks(Pattern):
+    """A user's pattern, written in this file alone: whole blocks of 4 consecutive input weights, by L1 norm."""
+
+    name: ClassVar[str] = "blocks4"
+
+    def check_layer(self, name: str, module_type: str, weight_shape: torch.Size) -> None:
+        if weight_shape[1] % 4:
+            raise ValueError(f"{name} has {weight_shape[1]} inputs, not a multiple of 4")
+
+    def masks(
+        self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        blocks = {
+            n: magnitude(w, masks.get(n)).reshape(w.shape[0], -1, 4).sum(-1).flatten() for n, w in weights.items()
+        }
+        pruned = lowest_in_scope(blocks, sparsity, scope)
+        return {
+            n: ~pruned[n].view(w.shape[0], -1, 1).expand(w.shape[0], -1, 4).reshape(w.shape) for n, w in weights.items()
+        }
+
+
+@pytest.fixture
+def blocks_registered() -> Iterator[type[Pattern]]:
+    register_pattern(Blocks)
+    yield Blocks
+    PATTERNS.pop(Blocks.name)
+
+
+def test_a_pattern_registered_from_another_file_prunes_through_gradual_pruning(
+    blocks_registered: type[Pattern], quiet_trainer_kwargs: dict[str, Any]
+) -> None:
+    assert isinstance(Pattern.parse("blocks4"), Blocks)
+    pruning = GradualPruning(0.5, end_step=10, update_every=5, pattern="blocks4", include=[r"net\.fc\d"])
+    model = fit(quiet_trainer_kwargs, [pruning], max_steps=12)
+    for layer in (model.net.fc1, model.net.fc2):
+        blocks = layer.weight.detach().reshape(layer.weight.shape[0], -1, 4)
+        zero_blocks = (blocks == 0).all(-1)
+        assert ((blocks != 0).all(-1) | zero_blocks).all()  # every block is whole: all zero or all kept
+    assert pruning.sparsity() == pytest.approx(0.5, abs=0.01)
+    assert str(pruning.pattern) == "blocks4" and "blocks4" in pruning.state_key
+
+
+def test_an_unknown_pattern_lists_the_registered_ones_too(blocks_registered: type[Pattern]) -> None:
+    with pytest.raises(ValueError, match=r"`pattern` must be 'unstructured', 'channel', 'N:M' such as '2:4' or"
+                       r" 'blocks4'; got 'blocks8'"):  # fmt: skip
+        GradualPruning(0.5, end_step=10, pattern="blocks8")
+
+
+def test_a_registered_pattern_refuses_a_layer_it_cannot_prune_before_any_step(
+    blocks_registered: type[Pattern], quiet_trainer_kwargs: dict[str, Any]
+) -> None:
+    pruning = GradualPruning(0.5, end_step=10, pattern="blocks4", include=[r"net\.conv1"])  # 1 input channel
+    with pytest.raises(ValueError, match=r"net\.conv1 has 1 inputs, not a multiple of 4"):
+        fit(quiet_trainer_kwargs, [pruning], max_steps=2)
+
+
+def test_a_pattern_name_cannot_be_registered_twice() -> None:
+    with pytest.raises(ValueError, match=r"pattern name 'channel' is empty or already registered"):
+        register_pattern(Channel)

@@ -10,19 +10,20 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import distributed, events, schedules
-from lightning_compress._lightning import Callback, pl, rank_zero_info
+from lightning_compress import arguments, distributed, events
+from lightning_compress._lightning import Callback, pl, rank_zero_info, uses_deepspeed
 from lightning_compress.lowrank.layers import LowRankConv2d, LowRankLinear, _Factorised
 from lightning_compress.lowrank.ranks import LayerSpectrum, rank_for_energy, rank_for_ratio, ranks_for_budget
+from lightning_compress.lowrank.rebase import rebase_layer
 from lightning_compress.lowrank.statistics import Kind, LayerStatistics, sync
-from lightning_compress.lowrank.whitening import carry_state, whitened_factors
+from lightning_compress.ramp import Ramped, StepRamp
 from lightning_compress.schedules import ScheduleName
 from lightning_compress.targeting import Targeting
 
 FACTORISABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 
-class LowRankRefactoring(Callback):
+class LowRankRefactoring(Ramped, Callback):
     """Refactor the targeted layers into two thin factors and shrink their rank toward a target while training.
 
     At ``setup`` (before the strategy wraps the model) every targeted Linear/Conv2d becomes a full-rank
@@ -70,6 +71,7 @@ class LowRankRefactoring(Callback):
     def __init__(
         self,
         rank_ratio: float | None = None,
+        *,
         energy: float | None = None,
         param_budget: float | None = None,
         start_step: int = 0,
@@ -82,52 +84,29 @@ class LowRankRefactoring(Callback):
         min_saving: float = 0.1,
         calibration_steps: int = 0,
     ) -> None:
-        given = {"rank_ratio": rank_ratio, "energy": energy, "param_budget": param_budget}
-        chosen = {k: v for k, v in given.items() if v is not None}
-        if len(chosen) != 1:
-            raise ValueError(
-                "Give exactly one of `rank_ratio`, `energy` and `param_budget`; got"
-                f" {', '.join(f'{k}={v!r}' for k, v in given.items())}. HINT: rank_ratio=0.25 keeps a quarter of"
-                " each layer's rank; energy=0.9 keeps 90 % of each layer's spectrum; param_budget=0.5 keeps half the"
-                " weights."
-            )
-        [(self.criterion, value)] = chosen.items()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-            raise ValueError(f"`{self.criterion}` must be a number in (0, 1]; got {value!r}.")
-        self.value = float(value)
+        self.criterion, value = arguments.exactly_one(
+            {"rank_ratio": rank_ratio, "energy": energy, "param_budget": param_budget},
+            hint="rank_ratio=0.25 keeps a quarter of each layer's rank; energy=0.9 keeps 90 % of each layer's"
+            " spectrum; param_budget=0.5 keeps half the weights.",
+        )
+        self.value = arguments.fraction(self.criterion, value, low_open=True)
         self.rank_ratio, self.energy, self.param_budget = rank_ratio, energy, param_budget
-        for name, step in (("start_step", start_step), ("update_every", update_every)):
-            if isinstance(step, bool) or not isinstance(step, int) or step < (1 if name == "update_every" else 0):
-                raise ValueError(f"`{name}` must be an integer >= {1 if name == 'update_every' else 0}; got {step!r}.")
-        if end_step is None or isinstance(end_step, bool) or not isinstance(end_step, int) or end_step <= start_step:
-            raise ValueError(
-                f"`end_step` must be an integer step after `start_step`={start_step}; got {end_step!r}."
-                " HINT: for a one-shot truncation use schedule='constant' with end_step=start_step + 1."
-            )
-        if schedule not in schedules.SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {', '.join(schedules.SCHEDULES)}; got {schedule!r}.")
-        if not isinstance(truncate_at_fit_end, bool):
-            raise ValueError(f"`truncate_at_fit_end` must be True or False; got {truncate_at_fit_end!r}.")
-        self.start_step, self.end_step, self.update_every = start_step, end_step, update_every
-        self.schedule: ScheduleName = schedule
+        self.ramp = StepRamp(start_step=start_step, end_step=end_step, update_every=update_every, schedule=schedule)
         self.include, self.exclude = include, exclude
         self.targeting = Targeting.from_arguments(include, exclude, layer_types=FACTORISABLE)
-        self.truncate_at_fit_end = truncate_at_fit_end
-        if isinstance(min_saving, bool) or not isinstance(min_saving, (int, float)) or not 0.0 <= min_saving < 1.0:
-            raise ValueError(f"`min_saving` must be a number in [0, 1); got {min_saving!r}. HINT: 0.1 = 10 % fewer.")
-        self.min_saving = float(min_saving)
-        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 0:
-            raise ValueError(
-                f"`calibration_steps` must be an integer >= 0; got {calibration_steps!r}. HINT: 32 gathers the input"
-                " statistics over the 32 steps before `start_step`; 0 ranks by the weights alone."
-            )
+        self.truncate_at_fit_end = arguments.flag("truncate_at_fit_end", truncate_at_fit_end)
+        self.min_saving = arguments.fraction("min_saving", min_saving, high_open=True, hint="0.1 = 10 % fewer.")
+        self.calibration_steps = arguments.integer(
+            "calibration_steps",
+            calibration_steps,
+            hint="32 gathers the input statistics over the 32 steps before `start_step`; 0 ranks by the weights alone.",
+        )
         if calibration_steps > start_step:
             raise ValueError(
                 f"`calibration_steps`={calibration_steps} needs `start_step` >= {calibration_steps} (the statistics are"
                 f" gathered over the steps right before the rank starts to fall); got start_step={start_step}."
                 f" HINT: start_step={calibration_steps}, end_step > that."
             )
-        self.calibration_steps = calibration_steps
         # State (in checkpoints): the target rank of each factorised layer, whether the activation-aware rebase has
         # happened, and the statistics being gathered. The layers themselves come back from the model.
         self.target_ranks: dict[str, int] = {}
@@ -141,23 +120,24 @@ class LowRankRefactoring(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(criterion=self.criterion, value=self.value, include=self.include)
+        """Every setting that changes which layers are factorised and how: two that differ coexist in one Trainer."""
+        settings = {
+            self.criterion: self.value,
+            "ramp": self.ramp,
+            "include": self.include,
+            "exclude": self.exclude,
+            "min_saving": self.min_saving,
+            "calibration_steps": self.calibration_steps,
+        }
+        return arguments.settings_key(self, settings)
 
     # ------------------------------------------------------------------------------------------------ policy
 
     def scheduled_rank(self, name: str, step: int) -> int:
         """The effective rank the schedule gives layer ``name`` after ``step`` optimizer steps. Override to change."""
         full, target = self.full_ranks[name], self.target_ranks[name]
-        removed = schedules.value_at(  # the share of components switched off, like a sparsity
-            step, schedule=self.schedule, target=1.0 - target / full, start_step=self.start_step,
-            end_step=self.end_step, update_every=self.update_every,
-        )  # fmt: skip
+        removed = self.ramp.value_at(step, 1.0 - target / full)  # the share of components switched off
         return max(target, full - math.floor(removed * full + 1e-9))
-
-    def should_update(self, step: int) -> bool:
-        if step < self.start_step or step > self.end_step:
-            return False
-        return step == self.end_step or (step - self.start_step) % self.update_every == 0
 
     # ------------------------------------------------------------------------------------------------ hooks
 
@@ -258,7 +238,7 @@ class LowRankRefactoring(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.truncate_at_fit_end or not self.layers:
             return
-        if _uses_deepspeed(trainer):
+        if uses_deepspeed(trainer):
             rank_zero_info(
                 "LowRankRefactoring: under DeepSpeed the layers are not truncated at fit end (the engine and its fp32"
                 " master copy keep the full-size factors, so a checkpoint saved afterwards would disagree with itself)."
@@ -338,32 +318,15 @@ class LowRankRefactoring(Callback):
     def _rebase(self, trainer: pl.Trainer) -> None:
         """Rebase every layer's factors on its activation-whitened SVD, carry the optimizer's moments into the new
         basis, and (energy / budget) choose the target ranks from the whitened spectra. Collective."""
-        optimizers = trainer.optimizers
         spectra, energies, unknown, unseen = [], {}, set(), []
         for name, layer in self.layers.items():
-            stats = self.statistics.get(name)
-            shape = layer.dense_weight_shape()
-            first0, second0 = distributed.full_training_values([layer.first, layer.second])
-            if stats is None or stats.kind != "inputs" or stats.rows == 0:  # not in the forward pass: weights only
+            found = rebase_layer(name, layer, self.statistics.get(name), trainer.optimizers)
+            spectra.append(found.spectrum)
+            unknown |= found.unknown_state
+            if found.energy is None:
                 unseen.append(name)
-                singular = torch.linalg.svdvals(second0.double() @ first0.flatten(1).double()).float()
-                spectra.append(LayerSpectrum(name, shape[0], math.prod(shape[1:]), singular))
-                continue
-            moment = stats.mean()
-            rebased = whitened_factors(first0.flatten(1), second0, moment.to(first0.device))
-            for param, factor in ((layer.first, "first"), (layer.second, "second")):
-                for key in distributed.optimizer_state_keys(optimizers, param):
-                    state = distributed.full_optimizer_state(optimizers, param, key)
-                    carried = carry_state(key, state, factor, rebased)
-                    if carried is None:
-                        unknown.add(key)
-                        carried = torch.zeros_like(state)
-                    distributed.write_optimizer_state_(optimizers, param, key, carried)
-            new_first = rebased.first.reshape(first0.shape)
-            distributed.write_full_([layer.first, layer.second], [new_first, rebased.second])
-            flat = rebased.first.double()
-            energies[name] = ((flat @ moment.to(flat)) * flat).sum(1).float()  # E[h_i^2] on the calibration data
-            spectra.append(LayerSpectrum(name, shape[0], math.prod(shape[1:]), rebased.singular_values))
+            else:
+                energies[name] = found.energy
         self.rebased = True
         self.statistics = {}
         for name, energy in energies.items():  # the first rank update judges components by the calibration data
@@ -433,9 +396,3 @@ def _input_features(layer: _Factorised) -> int:
     """The width of the rows the flattened weight multiplies (``in`` or ``in * kh * kw``)."""
     shape = layer.dense_weight_shape()
     return math.prod(shape[1:])
-
-
-def _uses_deepspeed(trainer: pl.Trainer) -> bool:
-    from pytorch_lightning.strategies import DeepSpeedStrategy
-
-    return isinstance(trainer.strategy, DeepSpeedStrategy)

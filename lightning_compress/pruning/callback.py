@@ -8,16 +8,15 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import distributed, events, schedules
-from lightning_compress._lightning import Callback, pl
-from lightning_compress.pruning.patterns import Pattern, Scope, compute_masks, input_dim
+from lightning_compress import arguments, distributed, events
+from lightning_compress._lightning import Callback, logs_this_step, pl
+from lightning_compress.pruning.patterns import SCOPES, Pattern, Scope, compute_masks
+from lightning_compress.ramp import Ramped, StepRamp
 from lightning_compress.schedules import ScheduleName
 from lightning_compress.targeting import Targeting
 
-SCOPES: tuple[str, ...] = ("global", "layer")
 
-
-class GradualPruning(Callback):
+class GradualPruning(Ramped, Callback):
     r"""Prune the targeted Linear/Conv weights from 0 to ``target_sparsity`` between ``start_step`` and ``end_step``.
 
     Every ``update_every`` optimizer steps the masks are recomputed from the current weights (magnitude for
@@ -47,6 +46,7 @@ class GradualPruning(Callback):
     def __init__(
         self,
         target_sparsity: float | None = None,
+        *,
         start_step: int = 0,
         end_step: int | None = None,
         update_every: int = 10,
@@ -60,28 +60,21 @@ class GradualPruning(Callback):
     ) -> None:
         self.pattern = Pattern.parse(pattern)
         self.target_sparsity = _check_target(target_sparsity, self.pattern)
-        _check_steps(start_step, end_step, update_every, rewind_step)
-        if schedule not in schedules.SCHEDULES:
-            raise ValueError(
-                f"`schedule` must be one of {', '.join(schedules.SCHEDULES)}; got {schedule!r}."
-                " HINT: 'cubic' (Zhu & Gupta 2017) prunes fast early and gently near the target."
+        self.ramp = StepRamp(start_step=start_step, end_step=end_step, update_every=update_every, schedule=schedule)
+        if rewind_step is not None and not (arguments.is_integer(rewind_step) and 0 <= rewind_step < end_step):
+            raise arguments.refusal(
+                "rewind_step",
+                rewind_step,
+                f"an integer in [0, end_step={end_step}) or None",
+                "the step whose weights the survivors return to once the final masks are set, e.g. 0.",
             )
-        if scope is None:
-            scope = "layer" if self.pattern.kind == "channel" else "global"
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be 'global' or 'layer'; got {scope!r}.")
-        if self.pattern.kind == "channel" and scope == "global":
-            raise ValueError(
-                "`pattern`='channel' with `scope`='global' is not supported: channel norms of layers of different"
-                " widths are not comparable. HINT: use scope='layer' (every layer loses the same share of channels)."
-            )
-        self.start_step, self.end_step, self.update_every = start_step, end_step, update_every
-        self.schedule: ScheduleName = schedule
+        scope = self.pattern.scopes[0] if scope is None else arguments.choice("scope", scope, SCOPES)
+        self.pattern.check_scope(scope)
         self.scope: Scope = scope
         self.targeting = Targeting.from_arguments(include, exclude)
         self.include, self.exclude = include, exclude
         self.rewind_step = rewind_step
-        self.log_per_layer = log_per_layer
+        self.log_per_layer = arguments.flag("log_per_layer", log_per_layer)
         # State (saved in checkpoints): the masks by parameter name, the sparsity they were built for, the step
         # last masked, and the weights to rewind to.
         self.masks: dict[str, torch.Tensor] = {}
@@ -96,26 +89,23 @@ class GradualPruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(pattern=str(self.pattern), include=self.include, exclude=self.exclude)
+        """Every setting that changes which weights are pruned when: two that differ coexist in one Trainer."""
+        settings = {
+            "target_sparsity": self.target_sparsity,
+            "ramp": self.ramp,
+            "pattern": str(self.pattern),
+            "scope": self.scope,
+            "include": self.include,
+            "exclude": self.exclude,
+            "rewind_step": self.rewind_step,
+        }
+        return arguments.settings_key(self, settings)
 
     # ------------------------------------------------------------------------------------------------ policy
 
     def scheduled_sparsity(self, step: int) -> float:
         """The sparsity the schedule asks for after ``step`` optimizer steps. Override for a custom schedule."""
-        return schedules.value_at(
-            step,
-            schedule=self.schedule,
-            target=self.target_sparsity,
-            start_step=self.start_step,
-            end_step=self.end_step,
-            update_every=self.update_every,
-        )
-
-    def should_update(self, step: int) -> bool:
-        """Whether the masks are recomputed after ``step`` optimizer steps (on the update grid)."""
-        if step < self.start_step or step > self.end_step:
-            return False
-        return step == self.end_step or (step - self.start_step) % self.update_every == 0
+        return self.ramp.value_at(step, self.target_sparsity)
 
     # ------------------------------------------------------------------------------------------------ hooks
 
@@ -126,18 +116,13 @@ class GradualPruning(Callback):
         modules = self.targeting.select(pl_module)
         self._targets = {}
         for name, module in modules.items():
-            if self.pattern.kind == "n:m" and input_dim(distributed.full_shape(module.weight)) % self.pattern.m:
-                raise ValueError(
-                    f"`pattern`={str(self.pattern)!r} needs the input dimension of every pruned layer to be a multiple"
-                    f" of M={self.pattern.m}, but {name} ({type(module).__name__}) has"
-                    f" {input_dim(distributed.full_shape(module.weight))}. HINT: add {name!r} to `exclude`."
-                )
+            self.pattern.check_layer(name, type(module).__name__, distributed.full_shape(module.weight))
             self._targets[f"{name}.weight"] = name
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._params = {name: pl_module.get_parameter(name) for name in self._targets}
-        if self.pattern.kind == "channel":  # a pruned channel's bias goes too, so the channel is really dead
+        if self.pattern.prunes_bias:  # a pruned channel's bias goes too, so the channel is really dead
             for module_name in self._targets.values():
                 if getattr(pl_module.get_submodule(module_name), "bias", None) is not None:
                     self._params[f"{module_name}.bias"] = pl_module.get_parameter(f"{module_name}.bias")
@@ -162,7 +147,7 @@ class GradualPruning(Callback):
             self._snapshot_for_rewind()
         masks_before = self.masks
         self._update(pl_module, step, log=self.log_per_layer)
-        if self.masks is not masks_before or _logs_this_step(trainer):  # logging costs ~1 % of a small step
+        if self.masks is not masks_before or logs_this_step(trainer):  # logging costs ~1 % of a small step
             pl_module.log("compress/sparsity", self.sparsity(), prog_bar=True, on_step=True, on_epoch=False)
 
     @override
@@ -214,7 +199,7 @@ class GradualPruning(Callback):
             names = list(self._targets)
             weights = dict(zip(names, distributed.full_values([self._params[n] for n in names]), strict=True))
             masks = compute_masks(self.pattern, self.scope, sparsity, weights, self.masks)
-            if self.pattern.kind == "channel":
+            if self.pattern.prunes_bias:
                 masks.update(self._bias_masks(masks))
             self.masks, self.mask_sparsity = masks, sparsity
             detail = {"sparsity": self.sparsity(), "pattern": str(self.pattern)}
@@ -265,44 +250,16 @@ def _check_target(target_sparsity: float | None, pattern: Pattern) -> float:
     if fixed is not None:
         if target_sparsity is not None and abs(target_sparsity - fixed) > 1e-9:
             raise ValueError(
-                f"`target_sparsity`={target_sparsity!r} contradicts `pattern`={str(pattern)!r}, which keeps"
-                f" {pattern.n} of every {pattern.m} weights: its sparsity is {fixed:g}. HINT: omit target_sparsity."
+                f"`target_sparsity`={target_sparsity!r} contradicts `pattern`={str(pattern)!r}, whose sparsity is"
+                f" fixed at {fixed:g}. HINT: omit target_sparsity."
             )
         return fixed
     if target_sparsity is None:
         raise ValueError(f"`target_sparsity` is required for `pattern`={str(pattern)!r}: a fraction in [0, 1).")
-    if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)):
-        raise ValueError(f"`target_sparsity` must be a number in [0, 1); got {target_sparsity!r}.")
-    if not 0.0 <= target_sparsity < 1.0:
-        raise ValueError(
-            f"`target_sparsity` must be in [0, 1) (the fraction of targeted weights set to zero); got"
-            f" {target_sparsity!r}. HINT: 0.9 means 90 % zeros."
-        )
-    return float(target_sparsity)
-
-
-def _check_steps(start_step: int, end_step: int | None, update_every: int, rewind_step: int | None) -> None:
-    for name, value in (("start_step", start_step), ("update_every", update_every)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"`{name}` must be an integer; got {value!r}.")
-    if start_step < 0:
-        raise ValueError(f"`start_step` must be >= 0; got {start_step}.")
-    if end_step is None or isinstance(end_step, bool) or not isinstance(end_step, int):
-        raise ValueError(f"`end_step` must be an integer step after `start_step`={start_step}; got {end_step!r}.")
-    if end_step <= start_step:
-        raise ValueError(
-            f"`end_step` must be greater than `start_step`: got end_step={end_step}, start_step={start_step}."
-            " HINT: for one-shot pruning use schedule='constant' with end_step=start_step + 1."
-        )
-    if update_every <= 0:
-        raise ValueError(f"`update_every` must be a positive number of optimizer steps; got {update_every}.")
-    if rewind_step is not None and (
-        isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or not 0 <= rewind_step < end_step
-    ):
-        raise ValueError(f"`rewind_step` must be an integer in [0, end_step={end_step}) or None; got {rewind_step!r}.")
-
-
-def _logs_this_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes step metrics to the loggers after this batch (as its LearningRateMonitor asks)."""
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True))
+    return arguments.fraction(
+        "target_sparsity",
+        target_sparsity,
+        high_open=True,
+        what="(the fraction of targeted weights set to zero)",
+        hint="0.9 means 90 % zeros.",
+    )

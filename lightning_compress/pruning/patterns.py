@@ -1,10 +1,14 @@
-"""Pruning patterns: which weights go together, and the exact masks for a sparsity.
+"""Pruning patterns: which weights go together, and the exact masks for a sparsity. A pattern registers itself.
 
 - ``unstructured``: single weights by magnitude; ``scope="global"`` ranks all targeted weights together.
 - ``channel``: whole output channels (rows of ``weight.flatten(1)``) by L2 norm, per layer; their biases go too.
 - ``N:M``: at most N non-zeros in each group of M consecutive weights along the input dimension (for a conv,
   along input channels at each kernel position). Gradually: a scheduled sparsity ``s`` prunes the fraction
   ``s / (1 - N/M)`` of groups to N:M, the groups that lose the least magnitude first; at the end all groups are N:M.
+
+A new pattern is one subclass of :class:`Pattern` decorated with :func:`register_pattern`, in any file: it says
+which texts name it (:meth:`Pattern.from_text`), what it allows (scopes, bias, layer shapes) and how it computes
+masks. ``GradualPruning(pattern="...")`` then finds it by its text.
 
 Masks are boolean (True = kept) and full-shaped. Pruned entries score lowest, so masks only ever shrink.
 """
@@ -14,46 +18,193 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from lightning_compress.pruning.scoring import PRUNED, magnitude, row_norms
 
 Scope = Literal["global", "layer"]
-_N_M = re.compile(r"(\d+):(\d+)")
+SCOPES: tuple[Scope, ...] = ("global", "layer")
+
+PATTERNS: dict[str, type[Pattern]] = {}
+"""Pattern classes by name, in registration order (the order :meth:`Pattern.parse` tries them)."""
+
+
+def register_pattern(cls: type[Pattern]) -> type[Pattern]:
+    """Class decorator: make ``cls`` a pattern that ``Pattern.parse`` (and so ``GradualPruning``) accepts."""
+    if not cls.name or cls.name in PATTERNS:
+        raise ValueError(f"pattern name {cls.name!r} is empty or already registered ({sorted(PATTERNS)}).")
+    PATTERNS[cls.name] = cls
+    return cls
 
 
 @dataclass(frozen=True)
 class Pattern:
-    kind: Literal["unstructured", "channel", "n:m"]
-    n: int = 0
-    m: int = 0
+    """How weights are grouped for pruning. Subclasses set the class attributes and implement :meth:`masks`."""
+
+    name: ClassVar[str] = ""
+    syntax: ClassVar[str] = ""
+    """How the pattern is written, for error messages (``"'channel'"``, ``"'N:M' such as '2:4'"``)."""
+    scopes: ClassVar[tuple[Scope, ...]] = SCOPES
+    """The scopes the pattern supports; the first is its default."""
+    prunes_bias: ClassVar[bool] = False
+    """Whether a weight row pruned whole takes its bias entry with it (a dead channel)."""
+
+    @classmethod
+    def from_text(cls, text: str) -> Pattern | None:
+        """The pattern ``text`` names, or None when it names another. Default: the text is ``name``."""
+        return cls() if text == cls.name else None
 
     @classmethod
     def parse(cls, text: str) -> Pattern:
-        if text in ("unstructured", "channel"):
-            return cls(text)
-        match = _N_M.fullmatch(text) if isinstance(text, str) else None
+        """The registered pattern that ``text`` names; a clear error listing every valid spelling otherwise."""
+        for pattern_cls in PATTERNS.values():
+            found = pattern_cls.from_text(text) if isinstance(text, str) else None
+            if found is not None:
+                return found
+        hint = ""
+        if isinstance(text, int) and not isinstance(text, bool):  # YAML 1.1: unquoted 2:4 is 2 * 60 + 4 = 124
+            hint = " HINT: YAML reads an unquoted N:M as a base-60 number (2:4 -> 124); quote it: '2:4'."
+        spellings = [p.syntax or repr(p.name) for p in PATTERNS.values()]
+        listed = ", ".join(spellings[:-1]) + f" or {spellings[-1]}" if len(spellings) > 1 else spellings[0]
+        raise ValueError(f"`pattern` must be {listed}; got {text!r}.{hint}")
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity the pattern implies (N:M: 1 - N/M); None for patterns with a free target."""
+        return None
+
+    def check_scope(self, scope: Scope) -> None:
+        """Refuse a scope the pattern does not support (override for a reason in words)."""
+        if scope not in self.scopes:
+            raise ValueError(f"`pattern`={str(self)!r} supports `scope` {' or '.join(map(repr, self.scopes))} only.")
+
+    def check_layer(self, name: str, module_type: str, weight_shape: torch.Size) -> None:
+        """Refuse a layer whose weight shape the pattern cannot prune (called at setup, before any step)."""
+
+    def masks(
+        self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Masks (True = keep) for ``weights`` at ``sparsity``; ``masks`` are the current ones (keep them pruned)."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Unstructured(Pattern):
+    name: ClassVar[str] = "unstructured"
+
+    def masks(
+        self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        scores = {name: magnitude(w, masks.get(name)).flatten() for name, w in weights.items()}
+        pruned = lowest_in_scope(scores, sparsity, scope)
+        return {name: ~chosen.view_as(weights[name]) for name, chosen in pruned.items()}
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Channel(Pattern):
+    name: ClassVar[str] = "channel"
+    scopes: ClassVar[tuple[Scope, ...]] = ("layer",)
+    prunes_bias: ClassVar[bool] = True
+
+    def check_scope(self, scope: Scope) -> None:
+        if scope == "global":
+            raise ValueError(
+                "`pattern`='channel' with `scope`='global' is not supported: channel norms of layers of different"
+                " widths are not comparable. HINT: use scope='layer' (every layer loses the same share of channels)."
+            )
+        super().check_scope(scope)
+
+    def masks(
+        self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        result = {}
+        for name, weight in weights.items():
+            norms = row_norms(weight, masks.get(name))
+            keep_rows = ~lowest(norms, round(sparsity * norms.numel()))
+            result[name] = keep_rows.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
+        return result
+
+
+_N_M = re.compile(r"(\d+):(\d+)")
+
+
+@register_pattern
+@dataclass(frozen=True)
+class NM(Pattern):
+    """At most ``n`` non-zeros in every ``m`` consecutive weights along the input dimension."""
+
+    n: int = 2
+    m: int = 4
+    name: ClassVar[str] = "N:M"
+    syntax: ClassVar[str] = "'N:M' such as '2:4'"
+
+    @classmethod
+    def from_text(cls, text: str) -> Pattern | None:
+        match = _N_M.fullmatch(text)
         if not match:
-            hint = ""
-            if isinstance(text, int) and not isinstance(text, bool):  # YAML 1.1: unquoted 2:4 is 2 * 60 + 4 = 124
-                hint = " HINT: YAML reads an unquoted N:M as a base-60 number (2:4 -> 124); quote it: '2:4'."
-            raise ValueError(f"`pattern` must be 'unstructured', 'channel' or 'N:M' such as '2:4'; got {text!r}.{hint}")
+            return None
         n, m = int(match.group(1)), int(match.group(2))
         if not 1 <= n < m:
             raise ValueError(
                 f"`pattern` {text!r} keeps N={n} of every M={m} weights: N must satisfy 1 <= N < M (e.g. '2:4')."
             )
-        return cls("n:m", n, m)
+        return cls(n, m)
 
     @property
-    def fixed_sparsity(self) -> float | None:
-        """The sparsity an N:M pattern implies (1 - N/M); None for patterns with a free target."""
-        return 1.0 - self.n / self.m if self.kind == "n:m" else None
+    def fixed_sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def check_layer(self, name: str, module_type: str, weight_shape: torch.Size) -> None:
+        if input_dim(weight_shape) % self.m:
+            raise ValueError(
+                f"`pattern`={str(self)!r} needs the input dimension of every pruned layer to be a multiple"
+                f" of M={self.m}, but {name} ({module_type}) has {input_dim(weight_shape)}."
+                f" HINT: add {name!r} to `exclude`."
+            )
+
+    def masks(
+        self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        group_fraction = min(1.0, sparsity / self.fixed_sparsity)
+        grouped = {name: _groups(magnitude(w, masks.get(name)), self.m) for name, w in weights.items()}
+        # Within a group keep the N largest; a group's cost is the magnitude its M-N smallest would lose.
+        order = {name: torch.argsort(g, dim=1, descending=True, stable=True) for name, g in grouped.items()}
+        costs = {
+            name: torch.gather(g, 1, order[name][:, self.n :])
+            .clamp_min(0)
+            .sum(dim=1)
+            .masked_fill((g == PRUNED).any(dim=1), PRUNED)
+            for name, g in grouped.items()
+        }
+        chosen = lowest_in_scope(costs, group_fraction, scope)
+        result = {}
+        for name, g in grouped.items():
+            keep = torch.ones_like(g, dtype=torch.bool)
+            keep.scatter_(1, order[name][:, self.n :], False)
+            keep[~chosen[name]] = True  # groups not yet chosen stay dense
+            result[name] = _ungroup(keep, weights[name])
+        return result
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
+        return f"{self.n}:{self.m}"
+
+
+def compute_masks(
+    pattern: Pattern,
+    scope: Scope,
+    sparsity: float,
+    weights: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Masks (True = keep) for ``weights`` at ``sparsity`` of the targeted weights; ``masks`` are the current ones."""
+    return pattern.masks(scope, sparsity, weights, masks)
 
 
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -74,65 +225,7 @@ def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return chosen
 
 
-def compute_masks(
-    pattern: Pattern,
-    scope: Scope,
-    sparsity: float,
-    weights: Mapping[str, torch.Tensor],
-    masks: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Masks (True = keep) for ``weights`` at ``sparsity`` of the targeted weights; ``masks`` are the current ones."""
-    if pattern.kind == "unstructured":
-        return _unstructured(scope, sparsity, weights, masks)
-    if pattern.kind == "channel":
-        return {name: _channel(sparsity, w, masks.get(name)) for name, w in weights.items()}
-    return _n_m(pattern, scope, sparsity, weights, masks)
-
-
-def _unstructured(
-    scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    scores = {name: magnitude(w, masks.get(name)).flatten() for name, w in weights.items()}
-    pruned = _lowest_in_scope(scores, sparsity, scope)
-    return {name: ~chosen.view_as(weights[name]) for name, chosen in pruned.items()}
-
-
-def _channel(sparsity: float, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    norms = row_norms(weight, mask)
-    keep_rows = ~lowest(norms, round(sparsity * norms.numel()))
-    return keep_rows.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
-
-
-def _n_m(
-    pattern: Pattern,
-    scope: Scope,
-    sparsity: float,
-    weights: Mapping[str, torch.Tensor],
-    masks: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    group_fraction = min(1.0, sparsity / pattern.fixed_sparsity)
-    grouped = {name: _groups(magnitude(w, masks.get(name)), pattern.m) for name, w in weights.items()}
-    # Within a group keep the N largest; a group's cost is the magnitude its M-N smallest would lose.
-    order = {name: torch.argsort(g, dim=1, descending=True, stable=True) for name, g in grouped.items()}
-    costs = {
-        name: torch.gather(g, 1, order[name][:, pattern.n :])
-        .clamp_min(0)
-        .sum(dim=1)
-        .masked_fill((g == PRUNED).any(dim=1), PRUNED)
-        for name, g in grouped.items()
-    }
-    chosen = _lowest_in_scope(costs, group_fraction, scope)
-    result = {}
-    for name, g in grouped.items():
-        keep = torch.ones_like(g, dtype=torch.bool)
-        drop = order[name][:, pattern.n :]
-        keep.scatter_(1, drop, False)
-        keep[~chosen[name]] = True  # groups not yet chosen stay dense
-        result[name] = _ungroup(keep, weights[name])
-    return result
-
-
-def _lowest_in_scope(scores: Mapping[str, torch.Tensor], fraction: float, scope: Scope) -> dict[str, torch.Tensor]:
+def lowest_in_scope(scores: Mapping[str, torch.Tensor], fraction: float, scope: Scope) -> dict[str, torch.Tensor]:
     """The lowest ``fraction`` of the units (1-D scores) of each layer, or of all layers ranked together."""
     if scope == "layer":
         return {name: lowest(s, round(fraction * s.numel())) for name, s in scores.items()}

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import distributed, events
+from lightning_compress import arguments, distributed, events
 from lightning_compress._lightning import Callback, pl, rank_zero_info
 from lightning_compress.export import save_compressed
 from lightning_compress.quantization.convert import convert_to_int8
@@ -57,6 +57,7 @@ class QuantizationAwareTraining(Callback):
         self,
         weight_bits: int = 8,
         activation_bits: int | None = None,
+        *,
         start_step: int = 0,
         freeze_observers_step: int | None = None,
         freeze_bn_step: int | None = None,
@@ -67,40 +68,40 @@ class QuantizationAwareTraining(Callback):
         weight_group_size: int | None = None,
         learnable_scales: bool = False,
     ) -> None:
-        _check_bits("weight_bits", weight_bits, allow_none=False)
-        _check_bits("activation_bits", activation_bits, allow_none=True)
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"`start_step` must be an integer >= 0; got {start_step!r}.")
-        for name, value in (("freeze_observers_step", freeze_observers_step), ("freeze_bn_step", freeze_bn_step)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < start_step):
-                raise ValueError(
-                    f"`{name}` must be None or an integer step >= `start_step`={start_step}; got {value!r}."
-                    " HINT: ranges and statistics are frozen after fake quantization has started, not before."
-                )
-        self.weight_bits, self.activation_bits = weight_bits, activation_bits
-        self.start_step = start_step
-        self.freeze_observers_step, self.freeze_bn_step = freeze_observers_step, freeze_bn_step
+        bits_hint = "8 is the usual choice; 4 for weights that must be small."
+        self.weight_bits = arguments.integer("weight_bits", weight_bits, minimum=2, maximum=8, hint=bits_hint)
+        self.activation_bits = arguments.integer(
+            "activation_bits",
+            activation_bits,
+            minimum=2,
+            maximum=8,
+            allow_none=True,
+            what="(None quantizes weights only)",
+            hint=bits_hint,
+        )
+        self.start_step = arguments.step("start_step", start_step)
+        frozen_hint = "ranges and statistics are frozen after fake quantization has started, not before."
+        self.freeze_observers_step, self.freeze_bn_step = (
+            arguments.step(name, value, after=("start_step", start_step), allow_none=True, hint=frozen_hint)
+            for name, value in (("freeze_observers_step", freeze_observers_step), ("freeze_bn_step", freeze_bn_step))
+        )
         self.include, self.exclude = include, exclude
-        if not isinstance(convert_at_fit_end, bool):
-            raise ValueError(f"`convert_at_fit_end` must be True or False; got {convert_at_fit_end!r}.")
+        self.convert_at_fit_end = arguments.flag("convert_at_fit_end", convert_at_fit_end)
         if export_path is not None and (not isinstance(export_path, (str, os.PathLike)) or not os.fspath(export_path)):
-            raise ValueError(f"`export_path` must be None or a file path; got {export_path!r}.")
+            raise arguments.refusal("export_path", export_path, "None or a file path")
         if export_path is not None and not convert_at_fit_end:
             raise ValueError(
                 "`export_path` needs `convert_at_fit_end=True`: the exported model is the one converted at fit end."
             )
-        if weight_group_size is not None and (
-            isinstance(weight_group_size, bool) or not isinstance(weight_group_size, int) or weight_group_size < 1
-        ):
-            raise ValueError(
-                f"`weight_group_size` must be None (one scale per output channel) or a positive int; got"
-                f" {weight_group_size!r}. HINT: 32, 64 or 128 are usual."
-            )
-        self.weight_group_size = weight_group_size
-        if not isinstance(learnable_scales, bool):
-            raise ValueError(f"`learnable_scales` must be True or False; got {learnable_scales!r}.")
-        self.learnable_scales = learnable_scales
-        self.convert_at_fit_end = convert_at_fit_end
+        self.weight_group_size = arguments.integer(
+            "weight_group_size",
+            weight_group_size,
+            minimum=1,
+            allow_none=True,
+            what="(None: one scale per output channel)",
+            hint="32, 64 or 128 are usual.",
+        )
+        self.learnable_scales = arguments.flag("learnable_scales", learnable_scales)
         self.export_path = None if export_path is None else Path(os.fspath(export_path))
         self.int8_model: nn.Module | None = None
         self.targeting = Targeting.from_arguments(include, exclude, layer_types=QUANTIZABLE)
@@ -115,7 +116,19 @@ class QuantizationAwareTraining(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(bits=(self.weight_bits, self.activation_bits), include=self.include)
+        """Every setting that changes what is quantized how and when: two that differ coexist in one Trainer."""
+        settings = {
+            "weight_bits": self.weight_bits,
+            "activation_bits": self.activation_bits,
+            "start_step": self.start_step,
+            "freeze_observers_step": self.freeze_observers_step,
+            "freeze_bn_step": self.freeze_bn_step,
+            "include": self.include,
+            "exclude": self.exclude,
+            "weight_group_size": self.weight_group_size,
+            "learnable_scales": self.learnable_scales,
+        }
+        return arguments.settings_key(self, settings)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -216,14 +229,3 @@ class QuantizationAwareTraining(Callback):
         pairs = [pair for layer in pending for pair in layer.scales_from_observers()]
         if pairs:
             distributed.write_full_([param for param, _ in pairs], [value for _, value in pairs])
-
-
-def _check_bits(name: str, value: Any, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-        none = " or None (weights only)" if allow_none else ""
-        raise ValueError(
-            f"`{name}` must be an integer from 2 to 8{none}; got {value!r}. HINT: 8 is the usual choice; 4 for weights"
-            " that must be small."
-        )

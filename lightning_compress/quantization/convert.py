@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import copy
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from lightning_compress._lightning import forget_metric_names
 from lightning_compress.distributed import is_zero3_partitioned
-from lightning_compress.quantization.int8 import Int8Conv1d, Int8Conv2d, Int8Linear
-from lightning_compress.quantization.layers import QATConv1d, QATConv2d, QATLinear, _QATBase
+from lightning_compress.quantization.layers import _QATBase
 
-__all__ = ["convert_to_int8"]
+__all__ = ["ConvertsToInt8", "convert_to_int8"]
 
-_INT8_TYPE: dict[type[nn.Module], type[nn.Module]] = {
-    QATLinear: Int8Linear,
-    QATConv1d: Int8Conv1d,
-    QATConv2d: Int8Conv2d,
-}
+
+@runtime_checkable
+class ConvertsToInt8(Protocol):
+    """A layer that knows its int8 inference form: the QAT layers (and their subclasses, by inheritance), or a
+    user's own layer type. ``convert_to_int8`` puts ``layer.to_int8()`` in its place."""
+
+    def to_int8(self) -> nn.Module: ...
 
 
 def convert_to_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -33,7 +36,10 @@ def convert_to_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _QATBase)}
+    layers: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():  # parents first: a convertible layer converts what it holds too
+        if isinstance(module, ConvertsToInt8) and not any(name.startswith(f"{outer}.") for outer in layers):
+            layers[name] = module
     if not layers:
         raise ValueError(
             f"`model` ({type(model).__name__}) has no QAT layer to convert. HINT: train it with"
@@ -45,21 +51,19 @@ def convert_to_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name in layers:
         parent_name, _, child = name.rpartition(".")
         parent = target.get_submodule(parent_name) if parent_name else target
-        layer = getattr(parent, child)
-        int8 = _INT8_TYPE[type(layer)].from_qat(layer)
-        setattr(parent, child, int8.to(layer.weight.device))
+        setattr(parent, child, getattr(parent, child).to_int8())
     return target.eval()
 
 
-def _check_convertible(name: str, layer: _QATBase) -> None:
-    if type(layer) not in _INT8_TYPE:
-        raise ValueError(f"layer {name!r} is a {type(layer).__name__}, which has no int8 form.")
-    if is_zero3_partitioned(layer.weight):
+def _check_convertible(name: str, layer: nn.Module) -> None:
+    if any(is_zero3_partitioned(p) for p in layer.parameters()):
         raise ValueError(
             f"layer {name!r} holds a ZeRO-3 partitioned weight, which cannot be converted in place. HINT: rebuild the"
             " model from the consolidated checkpoint (DeepSpeed's get_fp32_state_dict_from_zero_checkpoint), then"
             " convert it."
         )
+    if not isinstance(layer, _QATBase):
+        return  # a user's own convertible layer checks itself in to_int8()
     observers = {"weight": layer.weight_observer, "input": layer.input_observer}
     for kind, observer in observers.items():
         if observer is not None and not bool(torch.isfinite(observer.min_val).all()):
@@ -76,6 +80,5 @@ def _detached_copy(model: nn.Module) -> nn.Module:
     if trainer is not None:
         memo[id(trainer)] = None
     clone = copy.deepcopy(model, memo)
-    if "_metric_attributes" in clone.__dict__:  # Lightning's cache maps id(metric) -> name: the ids are the old ones
-        clone.__dict__["_metric_attributes"] = None
+    forget_metric_names(clone)  # Lightning's cache maps id(metric) -> name: the ids are the original's
     return clone

@@ -12,6 +12,8 @@ dict refreshes it). With learnable scales forward always computes the fake-quant
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,7 @@ from lightning_compress.quantization.fake_quant import (
     qrange,
     quantize,
 )
+from lightning_compress.quantization.int8 import Int8Conv1d, Int8Conv2d, Int8Linear
 from lightning_compress.quantization.observers import MinMaxObserver, MovingAverageObserver
 
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True, per_channel=True, channel_axis=0)
@@ -38,6 +41,13 @@ class _QATBase(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
     fake_quant_enabled: torch.Tensor
+    int8_class: ClassVar[type[nn.Module]]
+    """The int8 layer this one converts to (its ``from_qat``); a subclass inherits it."""
+
+    def to_int8(self) -> nn.Module:
+        """The int8 inference layer computing what this layer computes in eval mode (what ``convert_to_int8``
+        puts in its place). Override in a subclass whose forward differs from its base's."""
+        return self.int8_class.from_qat(self).to(self.weight.device)
 
     def _init_quantization(
         self,
@@ -209,6 +219,8 @@ class QATLinear(_QATBase):
     """``nn.Linear`` with fake-quantized weight (per output channel, or per group of ``group_size`` consecutive input
     weights) and optionally input (per tensor)."""
 
+    int8_class = Int8Linear
+
     def __init__(
         self,
         weight: nn.Parameter,
@@ -268,6 +280,7 @@ class QATConv2d(_QATBase):
     """``nn.Conv2d`` (zero padding) with fake-quantized weight (per output channel) and optionally input."""
 
     float_type: type[nn.Module] = nn.Conv2d
+    int8_class = Int8Conv2d
 
     def __init__(
         self,
@@ -347,6 +360,7 @@ class QATConv1d(QATConv2d):
     """``nn.Conv1d`` (zero padding) with fake-quantized weight (per output channel) and optionally input."""
 
     float_type = nn.Conv1d
+    int8_class = Int8Conv1d
     from_conv1d = QATConv2d.from_conv
     to_conv1d = QATConv2d.to_float
 
