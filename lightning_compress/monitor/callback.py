@@ -6,7 +6,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from lightning_compress import events
+from lightning_compress import arguments, events
 from lightning_compress._lightning import Callback, pl
 from lightning_compress.monitor import wandb_extras
 from lightning_compress.monitor.measure import ModelReport, measure_latency_ms, measure_model, peak_memory_mb
@@ -31,16 +31,12 @@ class CompressionMonitor(Callback):
         latency_repeats: timed repetitions (the median is logged) after 3 warm-up passes.
     """
 
-    def __init__(self, log_every_n_steps: int = 50, measure_latency: bool = True, latency_repeats: int = 20) -> None:
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
-            raise ValueError(
-                f"`log_every_n_steps` must be an integer >= 0 (0 = only at validation end); got {log_every_n_steps!r}."
-            )
-        if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 1:
-            raise ValueError(f"`latency_repeats` must be an integer >= 1; got {latency_repeats!r}.")
-        self.log_every_n_steps = log_every_n_steps
-        self.measure_latency = measure_latency
-        self.latency_repeats = latency_repeats
+    def __init__(self, log_every_n_steps: int = 50, *, measure_latency: bool = True, latency_repeats: int = 20) -> None:
+        self.log_every_n_steps = arguments.integer(
+            "log_every_n_steps", log_every_n_steps, what="(0 = only at validation end)"
+        )
+        self.measure_latency = arguments.flag("measure_latency", measure_latency)
+        self.latency_repeats = arguments.integer("latency_repeats", latency_repeats, minimum=1)
         self.dense: ModelReport | None = None
         self.report: ModelReport | None = None
         self.latency_dense_ms: float | None = None
