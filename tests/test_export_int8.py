@@ -30,8 +30,10 @@ from torch import nn
 from lightning_compress import QuantizationAwareTraining, convert_to_int8
 from lightning_compress._lightning import LightningModule
 from lightning_compress.export import CompressedFileError, encode_metadata, load_compressed, save_compressed
+from lightning_compress.lowrank import LowRankLinear
 from lightning_compress.models import ImageClassifier
 from lightning_compress.packing import CODECS, PackingError, choose_codec, pack, packed_nbytes, unpack
+from lightning_compress.protocol import Rebuildable
 from lightning_compress.quantization import Int8Conv2d, Int8Linear
 
 INT8_LAYERS = {"net.conv1": Int8Conv2d, "net.conv2": Int8Conv2d, "net.fc1": Int8Linear, "net.fc2": Int8Linear}
@@ -211,6 +213,25 @@ def test_the_manifest_records_each_int8_layer_with_its_constructor_arguments(
     float_path = tmp_path / "float.safetensors"
     save_compressed(pruned_classifier(0.5), float_path)
     assert "modules" not in read_manifest(float_path)  # a float model's manifest is what it was before
+
+
+class OwnRebuildableLinear(nn.Linear):
+    """A user's own layer that answers ``rebuild_args``: the user's model constructor builds it, so it is not
+    recorded (only the package's layers are, which no user constructor knows)."""
+
+    def rebuild_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+
+def test_the_package_layers_that_are_rebuildable_are_the_recorded_modules(tmp_path: Path) -> None:
+    model = nn.Sequential(Int8Linear(4, 4), OwnRebuildableLinear(4, 4), nn.Linear(4, 4), LowRankLinear(4, 4, rank=2))
+    assert [isinstance(layer, Rebuildable) for layer in model] == [True, True, False, True]
+    save_compressed(model, tmp_path / "mixed.safetensors")
+    modules = read_manifest(tmp_path / "mixed.safetensors")["modules"]
+    assert {name: record["args"] for name, record in modules.items()} == {
+        "0": model[0].rebuild_args(),
+        "3": model[3].rebuild_args(),
+    }
 
 
 def test_4_bit_weights_take_about_half_the_bytes_of_8_bit_weights(tmp_path: Path) -> None:

@@ -18,6 +18,13 @@ from lightning_compress.models import ImageClassifier
 from lightning_compress.monitor import callback as monitor_callback
 from lightning_compress.monitor import measure_model
 from lightning_compress.packing import packed_nbytes
+from lightning_compress.protocol import (
+    DescribesCompression,
+    HasDenseShape,
+    LayerFigures,
+    LayerStorage,
+    ReportsStorage,
+)
 from lightning_compress.pruning.patterns import Pattern, compute_masks
 
 SCALARS = (
@@ -271,3 +278,56 @@ def test_the_logged_bytes_fall_when_quantization_starts(tmp_path: Path) -> None:
     before, after = series[10], series[11]
     assert all(series[step] == before for step in range(1, 11))
     assert after < 0.3 * before  # int8 weights: a quarter of the bytes, plus scales
+
+
+# ------------------------------------------------------------------------------------- a user's own compressed layer
+
+
+class BlockDiagonalLinear(nn.Module):
+    """A compressed layer defined outside lightning_compress, answering the protocols by its methods alone: two
+    diagonal blocks stand for a dense ``[out, in]`` weight (half its weights and FLOPs), and it has no ``weight``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.blocks = nn.Parameter(torch.randn(2, out_features // 2, in_features // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...bi,boi->...bo", x.unflatten(-1, (2, -1)), self.blocks).flatten(-2)
+
+    def dense_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def compression_figures(self) -> LayerFigures:
+        dense = self.out_features * self.in_features
+        return LayerFigures(self.dense_weight_shape(), dense, self.blocks.numel(), 32, None, flops_factor=0.5)
+
+    def storage(self) -> LayerStorage:
+        dense = self.out_features * self.in_features
+        return LayerStorage(dense, self.blocks.numel(), 4 * dense, packed_nbytes(self.blocks.detach()))
+
+
+def test_a_users_own_layer_is_measured_through_the_protocols_alone() -> None:
+    layer = BlockDiagonalLinear(64, 32)
+    assert isinstance(layer, DescribesCompression) and isinstance(layer, HasDenseShape)
+    assert isinstance(layer, ReportsStorage)
+    report = measure_model(nn.Sequential(layer), torch.zeros(3, 64))
+    (measured,) = report.layers
+    assert (measured.name, measured.type, measured.figures) == ("0", "BlockDiagonalLinear", layer.compression_figures())
+    assert measured.flops_dense == 2 * 64 * 32 * 3  # its dense_weight_shape, not the blocks it computes with
+    assert measured.flops_effective == measured.flops_dense // 2
+    assert (report.flops_dense, report.flops_effective) == (measured.flops_dense, measured.flops_effective)
+    assert (report.params_dense, report.params_effective) == (64 * 32, 2 * 16 * 32)  # from storage(), not its tensors
+    assert (report.bytes_dense, report.bytes_compressed) == (4 * 64 * 32, packed_nbytes(layer.blocks.detach()))
+
+
+class Unshaped(BlockDiagonalLinear):
+    """Describes its compression, but says neither its dense shape nor keeps a ``weight``."""
+
+    dense_weight_shape = None  # type: ignore[assignment]  # blocks the protocol method, as typing's rules allow
+
+
+def test_a_compressed_layer_with_no_dense_shape_and_no_weight_is_a_clear_error() -> None:
+    assert not isinstance(Unshaped(8, 8), HasDenseShape)
+    with pytest.raises(TypeError, match=r"Unshaped has neither `dense_weight_shape\(\)` nor a `weight` tensor.*HINT"):
+        measure_model(nn.Sequential(Unshaped(8, 8)), torch.zeros(1, 8))

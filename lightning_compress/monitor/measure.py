@@ -2,8 +2,9 @@
 
 FLOPs rule (theoretical, labelled as such everywhere they are logged): one forward pass of ``example_input`` is
 counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention); a Linear/Conv layer's
-dense FLOPs are ``2 x in_features/groups x kernel size x output elements``, and its effective FLOPs are that times
-the layer's own ``flops_factor`` (a masked layer: its weight density; see ``lightning_compress.protocol``).
+dense FLOPs are ``2 x in_features/groups x kernel size x output elements`` (a compressed layer: of the dense weight it
+stands for, ``protocol.dense_weight_shape``), and its effective FLOPs are that times the layer's own ``flops_factor``
+(a masked layer: its weight density). A compressed layer is read through ``lightning_compress.protocol`` alone.
 Bytes: dense = every tensor of the state dict at fp32 (other dtypes at their size); compressed = what
 ``save_compressed`` writes for the tensor data (``packing.packed_nbytes``), without the small manifest. A quantized
 layer (``protocol.ReportsStorage``) reports its own figures: a QAT layer that fake-quantizes counts as the int8 layer
@@ -24,12 +25,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_compress.distributed import full_shape, gathered
+from lightning_compress.distributed import gathered
 from lightning_compress.protocol import (
     MEASURED_LAYERS,
     DescribesCompression,
     LayerFigures,
     ReportsStorage,
+    dense_weight_shape,
     describe,
 )
 
@@ -200,9 +202,7 @@ def _dense_flops(module: nn.Module, output: torch.Tensor) -> int:
         kernel = torch.Size(module.kernel_size).numel()
         return 2 * (module.in_channels // module.groups) * kernel * output.numel()
     if isinstance(module, DescribesCompression):  # quantized, factorised...: the dense weight they stand for
-        dense_shape = getattr(module, "dense_weight_shape", None)
-        shape = dense_shape() if dense_shape is not None else full_shape(module.weight)  # no gather: shapes only
-        return 2 * torch.Size(shape[1:]).numel() * output.numel()
+        return 2 * torch.Size(dense_weight_shape(module)[1:]).numel() * output.numel()
     return 0
 
 
