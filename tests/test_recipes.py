@@ -518,6 +518,123 @@ BAD_RECIPES = {
             r"HINT: did you mean 'epoch'\?",
         ],
     ),
+    "quoted-number-in-init-args": (
+        """
+        trainer:
+          callbacks:
+            - class_path: EarlyStopping
+              init_args: {monitor: val_loss, patience: '3'}
+        """,
+        [
+            r"recipe\.yaml, line 4, `trainer\.callbacks\[0\]\.init_args\.patience`: EarlyStopping argument `patience` "
+            r"expects int, got '3' \(str\)",
+            "HINT: remove the quotes to pass a number",
+        ],
+    ),
+    "callable-argument-outside-allow-list": (
+        """
+        trainer:
+          callbacks:
+            - class_path: LambdaCallback
+              init_args: {on_fit_start: os.system}
+        """,
+        [
+            r"recipe\.yaml, line 4, `trainer\.callbacks\[0\]\.init_args\.on_fit_start`: 'os\.system' names "
+            r"something outside the allowed packages \(lightning_compress\., pytorch_lightning\.callbacks\., "
+            r"pytorch_lightning\.\)",
+            r"HINT: If you trust `os`",
+        ],
+    ),
+    "trainer-argument-wrong-type": (
+        """
+        trainer:
+          max_epochs: three
+        """,
+        [
+            r"recipe\.yaml, line 2, `trainer\.max_epochs`: Trainer argument `max_epochs` expects int \| null, "
+            r"got 'three' \(str\)"
+        ],
+    ),
+    "trainer-argument-wrong-literal": (
+        """
+        trainer:
+          precision: 17
+        """,
+        [
+            r"recipe\.yaml, line 2, `trainer\.precision`: Trainer argument `precision` expects 64 \| 32 \| 16 \| "
+            r"'transformer-engine'.* \| null, got 17 \(int\)"
+        ],
+    ),
+    "trainer-logger-argument-unknown": (
+        """
+        trainer:
+          logger:
+            class_path: pytorch_lightning.loggers.CSVLogger
+            init_args: {save_dir: logs, bogus: 1}
+        """,
+        [
+            r"recipe\.yaml, line 2, `trainer\.logger`: Trainer argument `logger` expects Logger \| list\[Logger\] "
+            r"\| bool \| null, got \{'class_path': .*LightningCLI's parser says: Problem with given class_path "
+            r"'pytorch_lightning\.loggers\.CSVLogger': Option 'bogus' is not accepted"
+        ],
+    ),
+    "trainer-class-path-outside-allow-list": (
+        """
+        trainer:
+          logger:
+            class_path: subprocess.Popen
+            init_args: {args: [touch, "{marker}"]}
+        """,
+        [
+            r"recipe\.yaml, line 3, `trainer\.logger\.class_path`: class 'subprocess\.Popen' is outside the "
+            r"allowed packages \(lightning_compress\., pytorch_lightning\.callbacks\., pytorch_lightning\.\); "
+            "it was not imported"
+        ],
+    ),
+    "trainer-class-path-private": (
+        """
+        trainer:
+          profiler: {class_path: pytorch_lightning.profilers._private.Profiler}
+        """,
+        [r"recipe\.yaml, line 2, `trainer\.profiler\.class_path`: class path .* has private part\(s\) _private"],
+    ),
+    "nested-too-deep": (
+        "trainer:\n  plugins: " + "[" * 70 + "]" * 70 + "\n",
+        [
+            r"recipe\.yaml, line 2, `trainer\.plugins\[0\]\[0\]\[0\]\[0\]\[0\]`: "
+            "holds values nested more than 64 levels deep"
+        ],
+    ),
+    "alias-that-contains-itself": (
+        """
+        trainer:
+          plugins: &loop [SLURMEnvironment, *loop]
+        """,
+        [r"recipe\.yaml, line 2, `trainer\.plugins\[1\]`: a YAML alias refers to a node that contains it"],
+    ),
+    "aliases-blow-up-the-trainer-section": (
+        "model:\n"
+        + "".join(
+            f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" if i else "  a0: &a0 [1, 2, 3, 4, 5]\n"
+            for i in range(6)
+        )
+        + "trainer:\n  plugins: *a5\n",
+        [
+            r"recipe\.yaml, line 8, `trainer`: `trainer` holds more than 10,000 values once its YAML aliases are "
+            "expanded"
+        ],
+    ),
+    "integer-too-long-for-python": (
+        "trainer:\n  max_epochs: " + "9" * 5000 + "\n",
+        [r"recipe\.yaml, line 2, `trainer\.max_epochs`: an integer of 5,000 digits; Python reads at most 4,300"],
+    ),
+    "control-character": (
+        "trainer:\n  max_epochs: 3\x1f\n",
+        [
+            r"recipe\.yaml, line 2: not valid YAML: character #x001f is not allowed",
+            "HINT: remove the control character",
+        ],
+    ),
     "constructor-raises": (
         """
         trainer:
@@ -622,3 +739,125 @@ def test_an_unquoted_n_m_pattern_gets_a_hint_about_yaml_base_60(tmp_path: Path) 
     hint = r"line 4.*expects str, got 124 \(int\)\nHINT: YAML 1.1 reads 2:4 as the base-60"
     with pytest.raises(RecipeError, match=hint):
         load_recipe(recipe)
+
+
+# ------------------------------------------------------------------------------------------------ jsonargparse
+# The trainer section is typed by LightningCLI's own parser, so what load_recipe accepts, LightningCLI accepts.
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lightning_cli_accepts(trainer: dict[str, object]) -> bool:
+    """Whether the parser LightningCLI builds (`add_lightning_class_args(Trainer, "trainer")`) takes `trainer`."""
+    from lightning_compress._lightning import Trainer, submodule
+
+    parser = submodule("cli").LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(Trainer, "trainer")
+    try:
+        parser.parse_object({"trainer": trainer})
+    except Exception:  # noqa: BLE001 - any refusal
+        return False
+    return True
+
+
+AGREEMENT = {
+    **{path.name: path.read_text(encoding="utf-8") for path in sorted((REPO / "recipes").glob("*.yaml"))},
+    "lightning-extras": """
+        trainer:
+          max_epochs: '3'            # LightningCLI reads a quoted number of a Trainer argument as the number
+          precision: 16-mixed
+          plugins: [SLURMEnvironment]
+          logger: {class_path: pytorch_lightning.loggers.CSVLogger, init_args: {save_dir: logs}}
+          callbacks:
+            - {class_path: ModelCheckpoint, init_args: {monitor: val_loss, save_top_k: 2}}
+        """,
+    "trainer-wrong-type": "trainer:\n  max_epochs: three\n",
+    "trainer-nan": "trainer:\n  max_epochs: .nan\n",
+    "callback-wrong-type": "trainer:\n  callbacks:\n    - {class_path: ModelCheckpoint, init_args: {save_top_k: 2.}}\n",
+    "callback-wrong-literal": "trainer:\n  callbacks:\n    - {class_path: GradualPruning, init_args: {schedule: x}}\n",
+    "logger-unknown-argument": "trainer:\n  logger: {class_path: CSVLogger, init_args: {save_dir: x, bogus: 1}}\n",
+}
+
+
+@pytest.mark.parametrize("text", AGREEMENT.values(), ids=AGREEMENT.keys())
+def test_load_recipe_accepts_what_lightning_clis_parser_accepts(tmp_path: Path, text: str) -> None:
+    recipe = write(tmp_path, text)
+    try:
+        validate_recipe_file(recipe, construct=False)
+    except RecipeError:
+        accepted = False
+    else:
+        accepted = True
+    # LightningCLI reads the file as written: short class names resolve among the Callback classes imported
+    assert accepted == lightning_cli_accepts(yaml.safe_load(recipe.read_text())["trainer"])
+
+
+def test_the_trainer_section_may_name_lightnings_own_classes(tmp_path: Path) -> None:
+    recipe = write(tmp_path, AGREEMENT["lightning-extras"])
+    (checkpoint,) = load_recipe(recipe)
+    assert isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_top_k == 2
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        "logger: evil_strings.Logger",  # a subclass type: jsonargparse would import the string
+        "profiler: evil_strings.Profiler",  # Profiler | str: imported first, then taken as a string
+        "plugins: [evil_strings.Plugin]",
+        "callbacks:\n    - {class_path: LambdaCallback, init_args: {on_fit_start: evil_strings.run}}",
+        "callbacks:\n    - {class_path: ModelPruning, init_args: {pruning_fn: evil_strings.prune}}",
+    ],
+    ids=["logger", "profiler", "plugins", "lambda-callable", "pruning-callable"],
+)
+def test_a_string_naming_a_module_outside_the_allow_list_is_never_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trainer: str
+) -> None:
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_strings.py").write_text(f"open({str(marker)!r}, 'w').close()\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = write(tmp_path, f"trainer:\n  {trainer}\n")
+
+    with pytest.raises(
+        RecipeError, match=r"line [23], `trainer\.[a-z_.\[\]0-9]+`: 'evil_strings\.\w+' names something "
+    ):
+        load_recipe(recipe)
+    assert not marker.exists() and "evil_strings" not in __import__("sys").modules
+
+
+def test_a_quoted_value_in_init_args_stays_a_string_where_lightning_cli_would_read_a_bool(tmp_path: Path) -> None:
+    """jsonargparse (and so LightningCLI) reads 'yes' as True; a recipe refuses it, with the same words as 'three'."""
+    recipe = write(
+        tmp_path,
+        f"trainer:\n  callbacks:\n    - class_path: {HERE}.AnnotatedCallback\n"
+        "      init_args: {steps: 1, enabled: 'yes'}\n",
+    )
+    with pytest.raises(RecipeError, match=r"line 4, `trainer\.callbacks\[0\]\.init_args\.enabled`: .*expects bool"):
+        load_recipe(recipe, extra_allowed_prefixes=[HERE])
+
+
+def test_under_the_lightning_namespace_short_names_resolve_to_lightning_pytorch(tmp_path: Path) -> None:
+    recipe = write(
+        tmp_path, "trainer:\n  callbacks:\n    - {class_path: ModelCheckpoint, init_args: {monitor: loss}}\n"
+    )
+    script = textwrap.dedent(f"""
+        import sys
+        import lightning.pytorch
+        from lightning_compress import load_recipe
+        from lightning_compress.recipes import ALLOWED_PREFIXES, validate_recipe_file
+
+        (callback,) = load_recipe({str(recipe)!r})
+        (entry,) = validate_recipe_file({str(recipe)!r})["trainer"]["callbacks"]
+        assert entry["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint", entry
+        assert isinstance(callback, lightning.pytorch.Callback), type(callback).__mro__
+        assert type(callback).__module__.startswith("lightning.pytorch.callbacks."), type(callback)
+        assert ALLOWED_PREFIXES == ("lightning_compress.", "lightning.pytorch.callbacks."), ALLOWED_PREFIXES
+        assert "pytorch_lightning" not in sys.modules, "the other namespace was imported"
+        print("ok")
+    """)
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LIGHTNING_COMPRESS_NAMESPACE": "lightning"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
