@@ -1,4 +1,4 @@
-"""DataLoader construction shared by the bundled DataModules: seeded shuffling, quiet workers."""
+"""What the bundled DataModules share: seeded shuffling, quiet workers, and the checks of their loader arguments."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from lightning_compress import arguments
 from lightning_compress._lightning import LightningDataModule
+
+
+def check_loader_arguments(batch_size: int, seed: int, num_workers: int, limit_train: int | None = None) -> None:
+    """Refuse the loader arguments every bundled DataModule takes, before any file is read."""
+    arguments.integer("batch_size", batch_size, minimum=1, hint="examples per batch.")
+    arguments.integer("seed", seed, minimum=0, hint="the seed of the splits and of the training shuffle.")
+    arguments.integer("num_workers", num_workers, minimum=0, hint="0 loads batches in the main process.")
+    arguments.integer("limit_train", limit_train, minimum=1, allow_none=True, hint="None trains on the whole split.")
 
 
 class EpochSeededRandomSampler(RandomSampler):

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_compress.data._checks import check_fraction, check_int
-from lightning_compress.data._loaders import SplitDataModule
+from lightning_compress import arguments
+from lightning_compress.data._loaders import SplitDataModule, check_loader_arguments
 
 
 class DigitsDataModule(SplitDataModule):
@@ -32,16 +32,14 @@ class DigitsDataModule(SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        check_int("batch_size", batch_size)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
+        check_loader_arguments(batch_size, seed, num_workers)
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            arguments.fraction(name, fraction, low_open=True, high_open=True, hint="a share of the 1,797 images.")
         if val_fraction + test_fraction >= 1:
             raise ValueError(
                 f"`val_fraction` + `test_fraction` must be < 1 to leave training data, got {val_fraction!r} + "
-                f"{test_fraction!r} = {val_fraction + test_fraction!r}."
+                f"{test_fraction!r} = {val_fraction + test_fraction!r}. HINT: the defaults 0.15 + 0.2 train on 65 %."
             )
-        check_int("seed", seed, minimum=0)
-        check_int("num_workers", num_workers, minimum=0)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.val_fraction = val_fraction

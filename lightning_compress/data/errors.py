@@ -1,5 +1,6 @@
-"""The error raised when a bundled data set or model is not installed."""
+"""The error raised when a bundled data set or model is not installed (its home is ``lightning_compress._installed``,
+which the models use too; ``lightning_compress.data.MissingDataError`` is the public name)."""
 
+from lightning_compress._installed import MissingDataError
 
-class MissingDataError(RuntimeError):
-    """A data package (or the model a DataModule needs) is not installed; the message says how to install it."""
+__all__ = ["MissingDataError"]

