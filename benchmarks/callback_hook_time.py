@@ -10,12 +10,14 @@ run-to-run noise of this shared machine (whole runs differ by up to 30 % on iden
 pruning_step_time.py), which swamps a 1-2 % effect when two runs are compared.
 
 Setup: the reference CNN (``ImageClassifier(image_size=28)``, Adam 1e-3), real Fashion-MNIST, batch 128,
-``torch.set_num_threads(1)``, 150 optimizer steps per run, the first 50 dropped. Runs, one after the other:
-- ``GradualPruning(0.9, cubic, start_step=60, end_step=100, update_every=10)``: its ``on_train_batch_end`` (mask
+``torch.set_num_threads(1)``, ``--steps`` (150) optimizer steps per run in 3 epochs, the first ``--drop`` (50)
+dropped. Runs, one after the other:
+- ``GradualPruning(0.9, cubic, start_step=60, end_step=100, update_every=10)`` (at 150 steps; 40 % and 2/3 of the
+  steps in general): its ``on_train_batch_end`` (mask
   multiply, the 4 mask updates inside the window, logging) is timed on every step;
 - ``CompressionMonitor(log_every_n_steps=1)`` with a CSVLogger: its ``on_train_batch_end`` (logging every
   ``compress/*`` figure every step) is timed;
-- Lightning's ``ModelPruning`` (global L1 unstructured 90 %, pruned at the end of epoch 0 of 50 steps): the
+- Lightning's ``ModelPruning`` (global L1 unstructured 90 %, pruned at the end of epoch 0): the
   ``torch.nn.utils.prune`` forward pre-hooks (``weight = weight_orig * mask`` in every forward) are timed. This is a
   LOWER bound of its cost: the extra multiply in the backward pass that those hooks add is not attributed.
 Reported: hook ms per step (mean over the measured steps, so mask updates are amortised), the run's median step
@@ -31,31 +33,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelPruning
-from pytorch_lightning.loggers import CSVLogger
-from torch import nn
 from torch.nn.utils import prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import QUIET, env_markdown, environment, set_threads, write_results  # noqa: E402
+from _common import QUIET, Benchmark, quiet_process, table  # noqa: E402
+from _training import StepTimes, model_pruning, reference_cnn  # noqa: E402
 
 from lightning_compress import CompressionMonitor, GradualPruning  # noqa: E402
+from lightning_compress._lightning import pl  # noqa: E402
 from lightning_compress.data import FashionMNISTDataModule  # noqa: E402
-from lightning_compress.models import ImageClassifier  # noqa: E402
 
-STEPS, DROP = 150, 50
-
-
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.steps: list[float] = []
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.steps.append(time.perf_counter() - self._start)
+BENCHMARK = Benchmark(
+    "callback_hook_time",
+    __doc__,
+    shared={"steps": 150},  # 3 epochs of steps // 3
+    options={"drop": (50, "first steps of each run left out of the figures (warm-up)")},
+    smoke={"steps": 30, "drop": 10},
+)
+CONFIGS = ("GradualPruning", "CompressionMonitor", "ModelPruning")
 
 
 class HookClock:
@@ -88,32 +83,25 @@ class CloseStep(pl.Callback):
         self.clock.close_step()
 
 
-def run(config: str, data: FashionMNISTDataModule) -> dict[str, float]:
-    pl.seed_everything(0, verbose=False)
-    model = ImageClassifier(image_size=28)
-    clock, timer = HookClock(), StepTimer()
+def measure(config: str, data: FashionMNISTDataModule, steps: int, drop: int) -> dict[str, float]:
+    """Fit with ``config``; its hook ms per step, the median step ms and the step-time factor they imply."""
+    model = reference_cnn(0)
+    clock, timer = HookClock(), StepTimes()
     logger: Any = False
     if config == "GradualPruning":
-        callback: pl.Callback = GradualPruning(0.9, start_step=60, end_step=100, update_every=10)
+        start, end = round(0.4 * steps), round(2 * steps / 3)  # 60 and 100 of 150 steps
+        callback: pl.Callback = GradualPruning(0.9, start_step=start, end_step=end, update_every=10)
         callback.on_train_batch_end = clock.wrap(callback.on_train_batch_end)
     elif config == "CompressionMonitor":
         callback = CompressionMonitor(log_every_n_steps=1)
         callback.on_train_batch_end = clock.wrap(callback.on_train_batch_end)
-        logger = CSVLogger(tempfile.mkdtemp(prefix="bench-csv-"))
+        logger = pl.loggers.CSVLogger(tempfile.mkdtemp(prefix="bench-csv-"))
     else:
-        weights = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        callback = ModelPruning(
-            "l1_unstructured",
-            parameters_to_prune=weights,
-            amount=0.9,
-            use_global_unstructured=True,
-            apply_pruning=lambda epoch: epoch == 0,
-            use_lottery_ticket_hypothesis=False,
-        )
+        callback = model_pruning(model, 0.9, apply_pruning=lambda epoch: epoch == 0)
     trainer = pl.Trainer(
         max_epochs=3,
-        limit_train_batches=STEPS // 3,
-        callbacks=[callback, CloseStep(clock), timer],
+        limit_train_batches=steps // 3,
+        callbacks=[callback, CloseStep(clock), *timer.around([])],  # the step timer after the callback's hooks
         **{**QUIET, "logger": logger},
     )
     if config == "ModelPruning":
@@ -125,33 +113,31 @@ def run(config: str, data: FashionMNISTDataModule) -> dict[str, float]:
             prune.BasePruningMethod.__call__ = original
     else:
         trainer.fit(model, datamodule=data)
-    hook_ms = 1e3 * statistics.fmean(clock.per_step[DROP:])
-    step_ms = 1e3 * statistics.median(timer.steps[DROP:])
+    hook_ms = 1e3 * statistics.fmean(clock.per_step[drop:])
+    step_ms = 1e3 * statistics.median(timer.times[drop:])
     return {"hook_ms_per_step": hook_ms, "median_step_ms": step_ms, "implied_factor": 1 + hook_ms / step_ms}
 
 
-def main() -> None:
-    set_threads(1)
+def main(argv: list[str] | None = None) -> None:
+    run = BENCHMARK.start(argv)
+    steps, drop = run.args.steps, run.args.drop
+    if steps < 15 or not 0 <= drop < steps - 3:
+        run.error("--steps must be >= 15 and --drop leave steps to measure")
+    quiet_process(1)
     data = FashionMNISTDataModule(batch_size=128)
-    results = {config: run(config, data) for config in ("GradualPruning", "CompressionMonitor", "ModelPruning")}
-    command = "python benchmarks/callback_hook_time.py"
-    env = environment(1)
-    lines = [
-        "# Per-step cost of each callback, attributed from inside one run (reference CNN, Fashion-MNIST, batch 128)",
-        "",
-        env_markdown(env, command).rstrip(),
-        f"- {STEPS} steps per run, first {DROP} dropped; see the script's header for what each row times.",
-        "",
-        "| callback | hook ms per step (mean) | median step ms | implied step-time factor |",
-        "|---|---|---|---|",
-    ]
+    results = {config: measure(config, data, steps, drop) for config in CONFIGS}
+    rows = []
     for config, r in results.items():
         bound = " (lower bound: backward not attributed)" if config == "ModelPruning" else ""
-        hook, step, factor = r["hook_ms_per_step"], r["median_step_ms"], r["implied_factor"]
-        lines.append(f"| {config}{bound} | {hook:.3f} | {step:.2f} | {factor:.4f}x |")
-    md = "\n".join(lines) + "\n"
-    write_results("callback_hook_time", {"command": command, "environment": env, "results": results}, md)
-    print(md)
+        rows.append([f"{config}{bound}", f"{r['hook_ms_per_step']:.3f}", f"{r['median_step_ms']:.2f}",
+                     f"{r['implied_factor']:.4f}x"])  # fmt: skip
+    lines = [
+        f"- {steps} steps per run, first {drop} dropped; see the script's header for what each row times.",
+        "",
+        *table(["callback", "hook ms per step (mean)", "median step ms", "implied step-time factor"], rows),
+    ]
+    title = "Per-step cost of each callback, attributed from inside one run (reference CNN, Fashion-MNIST, batch 128)"
+    run.finish({"results": results}, title, lines, threads=1)
 
 
 if __name__ == "__main__":

@@ -65,29 +65,45 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import os
+import functools
 import statistics
 import sys
-import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env_markdown, environment, set_threads, spread, write_results  # noqa: E402
+import _torchao  # noqa: E402
+from _common import Benchmark, fmt_spread, package_version, quiet_process, spread, table  # noqa: E402
+from _models import BUILDERS, MODELS, Bench, agreement, forward_hooks  # noqa: E402
+from _timing import interleaved, interleaved_steps, latency_summary, ratio, rotated, time_inside  # noqa: E402
 
 from lightning_compress import QuantizationAwareTraining, convert_to_int8  # noqa: E402
 from lightning_compress.quantization import Int8Conv2d, Int8Linear, kernels  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("mlp", "cnn", "minilm")
+BENCHMARK = Benchmark(
+    "int8_speed",
+    __doc__,
+    shared={"models": ",".join(MODELS), "rounds": 8, "iters": 0, "share_iters": 7},
+    options={
+        "block": (0, "calls in a row per turn (0: per-model default)"),
+        "threads": ("1", "comma-separated torch thread counts for inference, e.g. 1,2"),
+        "train_models": ("mlp,minilm", "training-step models ('' to skip)"),
+        "train_rounds": (0, "training rounds (0: per-model default)"),
+        "train_steps": (0, "timed steps per config per round (0: default)"),
+        "warmup_steps": (0, "untimed steps per config per round (0: default)"),
+        "lr": (1e-4, "AdamW learning rate of the training steps"),
+        "no_torchao": (False, "skip the torchao references"),
+    },
+    smoke={"rounds": 1, "iters": 1, "share_iters": 1, "train_rounds": 1, "train_steps": 1, "warmup_steps": 1},
+    choices={"models": MODELS, "train_models": MODELS},
+)
 TRAIN_CONFIGS = ("fp32", "ours_observe", "ours", "torchao")
 TRAIN_LABELS = {
     "fp32": "fp32",
@@ -102,99 +118,6 @@ DEFAULT_TRAIN_STEPS = {"mlp": 15, "cnn": 6, "minilm": 2}
 DEFAULT_TRAIN_ROUNDS = {"mlp": 6, "cnn": 4, "minilm": 3}
 DEFAULT_WARMUP_STEPS = {"mlp": 3, "cnn": 2, "minilm": 1}
 TIMED_LAYERS = (nn.Linear, nn.Conv2d, Int8Linear, Int8Conv2d)
-
-
-@dataclass
-class Bench:
-    """One model with its timed batch, calibration batches and training labels."""
-
-    name: str
-    description: str
-    model: nn.Module
-    inputs: tuple[torch.Tensor, ...]
-    calibration: list[tuple[torch.Tensor, ...]]
-    labels: torch.Tensor
-    data: str
-    notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------------------- models
-
-
-def _mlp_bench() -> Bench:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(4):
-        layers.append(nn.Linear(1024, 1024))
-        if i < 3:
-            layers.append(nn.ReLU())
-    gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(64, 1024, generator=gen),) for _ in range(9)]
-    labels = torch.randint(0, 1024, (64,), generator=gen)
-    return Bench("mlp", "4 x Linear(1024) + ReLU, batch 64", nn.Sequential(*layers).eval(), batches[0],
-                 batches[1:], labels, "random normal inputs")  # fmt: skip
-
-
-def _cnn_bench() -> Bench:
-    from lightning_compress.data import FashionMNISTDataModule
-    from lightning_compress.data.errors import MissingDataError
-    from lightning_compress.models import ReferenceCNN
-
-    torch.manual_seed(0)
-    model = ReferenceCNN().eval()
-    batch, n_batches = 256, 5
-    try:
-        data = FashionMNISTDataModule(batch_size=batch)
-        data.setup("test")
-        test = data.test_set
-        images = torch.stack([test[i][0] for i in range(batch * n_batches)])
-        labels = torch.stack([test[i][1] for i in range(batch)])
-        source = "Fashion-MNIST t10k images"
-    except MissingDataError:
-        gen = torch.Generator().manual_seed(1)
-        images = torch.randn(batch * n_batches, 1, 28, 28, generator=gen)
-        labels = torch.randint(0, 10, (batch,), generator=gen)
-        source = "random images (Fashion-MNIST not installed)"
-    chunks = [(c,) for c in images.split(batch)]
-    return Bench("cnn", "ReferenceCNN, batch 256 x 1x28x28", model, chunks[0], chunks[1:], labels, source)
-
-
-def _minilm_bench() -> Bench:
-    from lightning_compress.data.errors import MissingDataError
-    from lightning_compress.models import MiniLMClassifier, minilm_path
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = MiniLMClassifier().eval()
-    batch, tokens, n_batches = 16, 64, 5
-    try:
-        from transformers import AutoTokenizer
-
-        from lightning_compress.data.rotten_tomatoes import corpus_path, read_corpus
-
-        texts, all_labels = read_corpus(corpus_path())
-        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-        enc = tokenizer(texts[: batch * n_batches], padding="max_length", truncation=True, max_length=tokens,
-                        return_tensors="pt")  # fmt: skip
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        labels = torch.from_numpy(all_labels[:batch])
-        source = f"Rotten Tomatoes snippets (first {batch * n_batches}), padded/truncated to {tokens} tokens"
-    except MissingDataError:
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(1000, 30000, (batch * n_batches, tokens), generator=gen)
-        mask = torch.ones_like(ids)
-        labels = torch.randint(0, 2, (batch,), generator=gen)
-        source = "random token ids (Rotten Tomatoes corpus not installed)"
-    chunks = list(zip(ids.split(batch), mask.split(batch), strict=True))
-    real_tokens = float(chunks[0][1].float().mean())
-    bench = Bench("minilm", f"MiniLMClassifier (whole model), {batch} x {tokens} tokens", model, chunks[0],
-                  chunks[1:], labels, source)  # fmt: skip
-    bench.notes.append(f"{real_tokens:.0%} of the timed batch's positions are real tokens (the rest padding)")
-    return bench
-
-
-BUILDERS: dict[str, Callable[[], Bench]] = {"mlp": _mlp_bench, "cnn": _cnn_bench, "minilm": _minilm_bench}
 
 
 # ---------------------------------------------------------------------------------------------------- conversions
@@ -215,58 +138,28 @@ def calibrated_qat(bench: Bench) -> tuple[nn.Module, dict[str, nn.Module]]:
     return qmodel.eval(), layers
 
 
-def torchao_int8(model: nn.Module) -> nn.Module:
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-    out = copy.deepcopy(model)
-    quantize_(out, Int8DynamicActivationInt8WeightConfig())
-    return out.eval()
-
-
-def torchao_qat(model: nn.Module) -> nn.Module:
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
-
-    config = QATConfig(
-        activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
-        weight_config=IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True),
-        step="prepare",
-    )
-    quantize_(model, config)
-    return model
-
-
 def kernel_use(int8_model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    """Which int8 layers ran oneDNN's integer kernel in one forward (calls counted per layer)."""
+    """Which int8 layers ran oneDNN's integer kernel in one forward (kernel calls counted per layer)."""
     calls = [0]
-    names = ("linear_u8s8", "conv2d_u8s8")
-    originals = {n: getattr(kernels, n) for n in names}
-
-    def counting(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            calls[0] += 1
-            return fn(*args, **kwargs)
-
-        return wrapped
-
     per_layer: dict[str, int] = {}
-    hooks = []
-    for name, module in int8_model.named_modules():
-        if isinstance(module, (Int8Linear, Int8Conv2d)):
-            hooks.append(module.register_forward_pre_hook(lambda m, i, n=name: per_layer.__setitem__(n, -calls[0])))
-            hooks.append(
-                module.register_forward_hook(lambda m, i, o, n=name: per_layer.__setitem__(n, per_layer[n] + calls[0]))
-            )
-    try:
-        for n in names:
-            setattr(kernels, n, counting(originals[n]))
-        with torch.inference_mode():
-            int8_model(*inputs)
-    finally:
-        for n in names:
-            setattr(kernels, n, originals[n])
-        for h in hooks:
-            h.remove()
+
+    def counting(kernel: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return kernel(*args, **kwargs)
+
+        return counted
+
+    layers = {n: m for n, m in int8_model.named_modules() if isinstance(m, (Int8Linear, Int8Conv2d))}
+    with ExitStack() as stack:
+        for kernel in ("linear_u8s8", "conv2d_u8s8"):
+            stack.enter_context(mock.patch.object(kernels, kernel, counting(getattr(kernels, kernel))))
+        before = lambda n: per_layer.__setitem__(n, -calls[0])  # noqa: E731
+        stack.enter_context(
+            forward_hooks(layers, before, lambda n, i, o: per_layer.__setitem__(n, per_layer[n] + calls[0]))
+        )
+        stack.enter_context(torch.inference_mode())
+        int8_model(*inputs)
     fallback = sorted(n for n, c in per_layer.items() if c == 0)
     return {
         "onednn_available": kernels.onednn_available(torch.device("cpu")),
@@ -279,94 +172,28 @@ def kernel_use(int8_model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[
 def per_layer_check(qmodel: nn.Module, int8_model: nn.Module, names: list[str], inputs: tuple) -> dict[str, Any]:
     """Each int8 layer fed the very input its QAT layer saw: the worst max abs diff relative to the output's max."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    modules = dict(qmodel.named_modules())
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, (i[0], o))) for n in names]
-    try:
+    qat_layers, int8_layers = dict(qmodel.named_modules()), dict(int8_model.named_modules())
+    with forward_hooks({n: qat_layers[n] for n in names}, after=lambda n, i, o: captured.__setitem__(n, (i[0], o))):
         with torch.inference_mode():
             qmodel(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    int8_modules = dict(int8_model.named_modules())
     worst, worst_name = 0.0, ""
     with torch.inference_mode():
         for n, (x, y) in captured.items():
-            rel = float((int8_modules[n](x) - y).abs().max() / y.abs().max().clamp(min=1e-12))
+            rel = float((int8_layers[n](x) - y).abs().max() / y.abs().max().clamp(min=1e-12))
             if rel >= worst:
                 worst, worst_name = rel, n
     return {"layers_checked": len(captured), "worst_rel_max_abs_diff": worst, "worst_layer": worst_name}
 
 
-def agreement(ref: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
-    ref, other = ref.float(), other.float()
+def layer_share(variants: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], iters: int) -> dict[str, Any]:
+    """Per variant, the share of forward time spent inside Linear/Conv layers (float, int8 or torchao), hooked."""
+    layers = {v: {n: m for n, m in m_.named_modules() if isinstance(m, TIMED_LAYERS)} for v, m_ in variants.items()}
+    timed = time_inside(variants, layers, inputs, iters)
     return {
-        "max_abs_diff": float((ref - other).abs().max()),
-        "ref_max_abs": float(ref.abs().max()),
-        "rel_l2": float((ref - other).norm() / ref.norm().clamp(min=1e-12)),
-        "argmax_agreement": float((ref.argmax(-1) == other.argmax(-1)).float().mean()),
-    }
-
-
-# -------------------------------------------------------------------------------------------------------- timing
-
-
-def time_inference_round(
-    variants: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], order: list[str], iters: int, block: int
-) -> dict[str, dict[str, list[float]]]:
-    """``iters`` turns of every variant in ``order``, each turn ``block`` calls in a row; wall and thread CPU ms.
-
-    With ``block`` > 1 the first call of each turn (caches still holding the previous variant) is kept apart as
-    ``cold_wall_ms`` and the others form ``wall_ms`` / ``cpu_ms``; with ``block`` == 1 every call is in ``wall_ms``.
-    """
-    out = {name: {"wall_ms": [], "cpu_ms": [], "cold_wall_ms": []} for name in order}
-    gc.collect()
-    with torch.inference_mode():
-        for name in order:  # warm-up
-            variants[name](*inputs)
-        for _ in range(iters):
-            for name in order:
-                for i in range(block):
-                    c0 = time.thread_time()
-                    t0 = time.perf_counter()
-                    variants[name](*inputs)
-                    wall = time.perf_counter() - t0
-                    cpu = time.thread_time() - c0
-                    if i == 0 and block > 1:
-                        out[name]["cold_wall_ms"].append(round(1e3 * wall, 4))
-                        continue
-                    out[name]["wall_ms"].append(round(1e3 * wall, 4))
-                    out[name]["cpu_ms"].append(round(1e3 * cpu, 4))
-    return out
-
-
-def layer_share(model: nn.Module, inputs: tuple[torch.Tensor, ...], iters: int) -> dict[str, float]:
-    """Share of forward time spent inside Linear/Conv layers (float, int8 or torchao), timed with forward hooks."""
-    inside = [0.0]
-    starts: dict[int, float] = {}
-    hooks = []
-    for module in model.modules():
-        if isinstance(module, TIMED_LAYERS):
-            hooks.append(module.register_forward_pre_hook(lambda m, i: starts.__setitem__(id(m), time.perf_counter())))
-            hooks.append(
-                module.register_forward_hook(
-                    lambda m, i, o: inside.__setitem__(0, inside[0] + time.perf_counter() - starts[id(m)])
-                )
-            )
-    shares, totals = [], []
-    try:
-        with torch.inference_mode():
-            model(*inputs)
-            for _ in range(iters):
-                inside[0] = 0.0
-                t0 = time.perf_counter()
-                model(*inputs)
-                totals.append(time.perf_counter() - t0)
-                shares.append(inside[0] / totals[-1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"layers": len(hooks) // 2, "share_in_layers": statistics.median(shares),
-            "forward_ms": 1e3 * statistics.median(totals)}  # fmt: skip
+        v: {"layers": len(layers[v]), "forward_ms": statistics.median(t["forward"]),
+            "share_in_layers": statistics.median(i / f for i, f in zip(t["inside"], t["forward"], strict=True))}
+        for v, t in timed.items()
+    }  # fmt: skip
 
 
 def run_inference(bench: Bench, threads: list[int], args: argparse.Namespace) -> dict[str, Any]:
@@ -376,7 +203,7 @@ def run_inference(bench: Bench, threads: list[int], args: argparse.Namespace) ->
     result: dict[str, Any] = {"description": bench.description, "data": bench.data, "notes": bench.notes}
     if bench.name in ("mlp", "minilm") and not args.no_torchao:
         try:
-            variants["torchao"] = torchao_int8(bench.model)
+            variants["torchao"] = _torchao.int8_inference(bench.model)
         except Exception as err:  # reported, not fatal: torchao's CPU support varies by version
             result["torchao_error"] = f"{type(err).__name__}: {err}"
     result["kernels"] = kernel_use(int8, bench.inputs)
@@ -393,43 +220,19 @@ def run_inference(bench: Bench, threads: list[int], args: argparse.Namespace) ->
         result["agreement"]["torchao_vs_fp32"] = agreement(outs["fp32"], outs["torchao"])
     iters = args.iters or DEFAULT_ITERS[bench.name]
     block = args.block or DEFAULT_BLOCK[bench.name]
-    result["block"] = block
-    result["iters_per_round"] = iters
-    names = list(variants)
+    result.update(block=block, iters_per_round=iters)
     by_threads = {}
     for t in threads:
         torch.set_num_threads(t)
-        rounds = []
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            rounds.append(time_inference_round(variants, bench.inputs, order, iters, block))
-            med = {n: statistics.median(rounds[-1][n]["wall_ms"]) for n in names}
-            print(f"[{bench.name} {t} thr] round {r} ({order[0]} first): "
-                  + ", ".join(f"{n} {med[n]:.2f} ms" for n in names), flush=True)  # fmt: skip
+        rounds = interleaved(variants, bench.inputs, args.rounds, iters, block, f"{bench.name} {t} thr")
         summary = {}
-        for n in names:
-            meds = [statistics.median(rd[n]["wall_ms"]) for rd in rounds]
-            cpu = [statistics.median(rd[n]["cpu_ms"]) for rd in rounds]
-            summary[n] = {
-                "median_of_medians_ms": spread(meds),
-                "mean_ms": spread([statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]),
-                "cpu_median_of_medians_ms": spread(cpu),
-            }
-            if block > 1:
-                summary[n]["cold_median_of_medians_ms"] = spread(
-                    [statistics.median(rd[n]["cold_wall_ms"]) for rd in rounds]
-                )
+        for n in variants:
+            summary[n] = latency_summary(rounds, n, block)
             if n != "fp32":
-                summary[n]["speedup_vs_fp32"] = spread(
-                    [statistics.median(rd["fp32"]["wall_ms"]) / statistics.median(rd[n]["wall_ms"]) for rd in rounds]
-                )
-                summary[n]["speedup_vs_fp32_means"] = spread(
-                    [statistics.fmean(rd["fp32"]["wall_ms"]) / statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]
-                )
-                summary[n]["cpu_speedup_vs_fp32"] = spread(
-                    [statistics.median(rd["fp32"]["cpu_ms"]) / statistics.median(rd[n]["cpu_ms"]) for rd in rounds]
-                )
-        share = {n: layer_share(m, bench.inputs, args.share_iters) for n, m in variants.items()}
+                summary[n]["speedup_vs_fp32"] = ratio(rounds, "fp32", n, statistics.median)
+                summary[n]["speedup_vs_fp32_means"] = ratio(rounds, "fp32", n, statistics.fmean)
+                summary[n]["cpu_speedup_vs_fp32"] = ratio(rounds, "fp32", n, statistics.median, "cpu_ms")
+        share = layer_share(variants, bench.inputs, args.share_iters)
         by_threads[str(t)] = {"summary": summary, "layer_share": share, "rounds": rounds}
     torch.set_num_threads(threads[0])
     result["by_threads"] = by_threads
@@ -447,7 +250,7 @@ def _train_model(bench: Bench, config: str) -> nn.Module:
         for layer in layers.values():
             layer.enable_fake_quant(config == "ours")
     elif config == "torchao":
-        torchao_qat(model)
+        _torchao.fake_quant_per_channel(model)
     return model
 
 
@@ -476,28 +279,16 @@ def run_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
                     outs[c] = m(*bench.inputs)
             check = {c: agreement(outs["fp32"], o)["rel_l2"] for c, o in outs.items()}
         opts = {c: torch.optim.AdamW(m.parameters(), lr=args.lr) for c, m in models.items()}
-        order = configs[r % len(configs) :] + configs[: r % len(configs)]
-        times: dict[str, list[float]] = {c: [] for c in configs}
-        gc.collect()
-        for _ in range(warmup):
-            for c in order:
-                _step(models[c], opts[c], bench)
-        for _ in range(steps):
-            for c in order:
-                t0 = time.perf_counter()
-                _step(models[c], opts[c], bench)
-                times[c].append(round(1e3 * (time.perf_counter() - t0), 3))
+        order = rotated(configs, r)
+        times = interleaved_steps(lambda c, m=models, o=opts: _step(m[c], o[c], bench), order, steps, warmup)
         rounds.append(times)
         print(f"[{bench.name} train] round {r} ({order[0]} first): "
               + ", ".join(f"{c} {statistics.median(times[c]):.1f} ms" for c in configs), flush=True)  # fmt: skip
         del models, opts
-    summary = {}
-    for c in configs:
-        summary[c] = {"median_of_medians_ms": spread([statistics.median(rd[c]) for rd in rounds])}
-        if c != "fp32":
-            summary[c]["ratio_vs_fp32"] = spread(
-                [statistics.median(rd[c]) / statistics.median(rd["fp32"]) for rd in rounds]
-            )
+    summary = {c: {"median_of_medians_ms": spread([statistics.median(rd[c]) for rd in rounds])} for c in configs}
+    for c in configs[1:]:  # all but fp32
+        medians = [(statistics.median(rd[c]), statistics.median(rd["fp32"])) for rd in rounds]
+        summary[c]["ratio_vs_fp32"] = spread([mine / fp32 for mine, fp32 in medians])
     return {"description": bench.description, "steps_per_round": steps, "warmup_steps": warmup, "n_rounds": n_rounds,
             "output_rel_l2_vs_fp32": check, "summary": summary, "rounds": rounds}  # fmt: skip
 
@@ -505,162 +296,107 @@ def run_training(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved inference rounds per model and thread count")
-    parser.add_argument("--iters", type=int, default=0, help="turns per variant per round (0: per-model default)")
-    parser.add_argument("--block", type=int, default=0, help="calls in a row per turn (0: per-model default)")
-    parser.add_argument("--threads", default="1", help="comma-separated torch thread counts for inference, e.g. 1,2")
-    parser.add_argument("--models", default=",".join(MODELS), help="inference models")
-    parser.add_argument("--share-iters", type=int, default=7, help="forwards timed with per-layer hooks (median)")
-    parser.add_argument("--train-models", default="mlp,minilm", help="training-step models ('' to skip)")
-    parser.add_argument("--train-rounds", type=int, default=0, help="training rounds (0: per-model default)")
-    parser.add_argument("--train-steps", type=int, default=0, help="timed steps per config per round (0: default)")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="untimed steps per config per round (0: default)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--no-torchao", action="store_true", help="skip the torchao references")
-    parser.add_argument("--name", default="int8_speed", help="results file stem under benchmarks/results/")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    run = BENCHMARK.start(argv)
+    args = run.args
     threads = [int(t) for t in args.threads.split(",") if t]
-    models = [m for m in args.models.split(",") if m]
-    train_models = [m for m in args.train_models.split(",") if m]
-    if unknown := (set(models) | set(train_models)) - set(MODELS):
-        parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+    models, train_models = run.items("models"), run.items("train_models")
     if not threads or min(threads) < 1:
-        parser.error("--threads must list thread counts >= 1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    set_threads(threads[0])
-    try:
-        script = Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        script = "benchmarks/int8_speed.py"
-    command = " ".join([".venv/bin/python", script, *sys.argv[1:]])
-
-    benches: dict[str, Bench] = {}
-    inference, training = {}, {}
-    for name in models:
-        benches[name] = benches.get(name) or BUILDERS[name]()
-        inference[name] = run_inference(benches[name], threads, args)
+        run.error("--threads must list thread counts >= 1")
+    quiet_process(threads[0])
+    bench = functools.cache(lambda name: BUILDERS[name]())  # a model timed in both parts is built once
+    inference = {name: run_inference(bench(name), threads, args) for name in models}
     torch.set_num_threads(threads[0])
-    for name in train_models:
-        benches[name] = benches.get(name) or BUILDERS[name]()
-        training[name] = run_training(benches[name], args)
-
-    env = environment(threads[0])
-    env["inference_threads"] = threads
-    env["torchao"] = _version("torchao")
-    env["transformers"] = _version("transformers")
-    payload = {"benchmark": "int8_speed", "command": command, "environment": env, "settings": vars(args),
-               "inference": inference, "training": training}  # fmt: skip
-    md = _markdown(inference, training, env, command, args)
-    json_path, md_path = write_results(args.name, payload, md)
-    print(md)
-    print(f"wrote {json_path.relative_to(ROOT)} and {md_path.relative_to(ROOT)}")
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _fmt(s: dict[str, float], digits: int = 2, suffix: str = "") -> str:
-    return f"{s['median']:.{digits}f}{suffix} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
-
-
-def _markdown(inference: dict[str, Any], training: dict[str, Any], env: dict[str, Any], command: str, args: Any) -> str:
+    training = {name: run_training(bench(name), args) for name in train_models}
+    versions = {"torchao": package_version("torchao"), "transformers": package_version("transformers")}
     lines = [
-        "# Int8 inference speed and QAT training-step time",
-        "",
-        env_markdown(env, command).rstrip(),
-        f"- inference torch threads: {env['inference_threads']}; torchao {env['torchao']}, transformers "
-        f"{env['transformers']}",
+        f"- inference torch threads: {threads}; torchao {versions['torchao']}, transformers {versions['transformers']}",
         "- see the script's header for what is timed and how the rounds are interleaved.",
+        *(_inference_tables(inference, args) if inference else []),
+        *(_training_table(training, threads[0]) if training else []),
     ]
-    if inference:
-        lines += [
-            "",
-            f"## Inference latency ({args.rounds} interleaved rounds; median of per-round medians [min-max])",
-            "",
-            "| model | threads | variant | latency ms | speed-up vs fp32: ratio of per-round means, median [min-max] "
-            "| speed-up: ratio of per-round medians | CPU speed-up (thread_time medians) "
-            "| share of time in Linear/Conv layers |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for res in inference.values():
-            for t, block in res["by_threads"].items():
-                for variant, s in block["summary"].items():
-                    speed = _fmt(s["speedup_vs_fp32"], 2, "x") if "speedup_vs_fp32" in s else "1 (reference)"
-                    means = _fmt(s["speedup_vs_fp32_means"], 2, "x") if "speedup_vs_fp32_means" in s else "1"
-                    cpu = _fmt(s["cpu_speedup_vs_fp32"], 2, "x") if "cpu_speedup_vs_fp32" in s else "-"
-                    if t != "1":
-                        cpu = "- (other threads not counted)" if variant != "fp32" else "-"
-                    share = block["layer_share"][variant]["share_in_layers"]
-                    bold = "**" if variant == "int8" else ""
-                    lines.append(
-                        f"| {res['description']} | {t} | {INFER_LABELS[variant]} | {_fmt(s['median_of_medians_ms'])} "
-                        f"| {bold}{means}{bold} | {speed} | {cpu} | {share:.0%} |"
-                    )
-        lines += [
-            "",
-            "### Checks (one forward of the timed batch)",
-            "",
-            "| model | data | int8 layers on oneDNN's integer kernel | per layer, int8 vs QAT on the same input: worst "
-            "max abs diff / max abs output | whole model, int8 vs QAT eval: max abs diff (max abs) / rel L2 / argmax "
-            "agree | fp32 vs QAT eval: rel L2 / argmax agree | torchao vs fp32: rel L2 / argmax agree |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, res in inference.items():
-            k, a = res["kernels"], res["agreement"]
-            iq, fq = a["int8_vs_qat_eval"], a["fp32_vs_qat_eval"]
-            kern = f"{k['layers_on_integer_kernel']}/{k['int8_layers']}"
-            if k["float_fallback_layers"]:
-                kern += f" (float fallback: {', '.join(k['float_fallback_layers'])})"
-            if not k["onednn_available"]:
-                kern += " (oneDNN unavailable)"
-            ta = a.get("torchao_vs_fp32")
-            tao = f"{ta['rel_l2']:.4f} / {ta['argmax_agreement']:.1%}" if ta else res.get("torchao_error", "-")
-            pl_ = a["per_layer_int8_vs_qat"]
-            lines.append(
-                f"| {name} | {res['data']} | {kern} | {pl_['worst_rel_max_abs_diff']:.1e} (`{pl_['worst_layer']}`) "
-                f"| {iq['max_abs_diff']:.2e} ({iq['ref_max_abs']:.3g}) / "
-                f"{iq['rel_l2']:.2e} / {iq['argmax_agreement']:.1%} | {fq['rel_l2']:.4f} / "
-                f"{fq['argmax_agreement']:.1%} | {tao} |"
-            )
-        notes = [f"{name}: {n}" for name, res in inference.items() for n in res["notes"]]
-        for name, res in inference.items():
-            for t, block in res["by_threads"].items():
-                cold = {v: s["cold_median_of_medians_ms"]["median"] for v, s in block["summary"].items()
-                        if "cold_median_of_medians_ms" in s}  # fmt: skip
-                if cold:
-                    notes.append(
-                        f"{name} ({t} thread): first call of each turn of {res['block']} (caches holding the previous "
-                        "variant), median ms: " + ", ".join(f"{v} {ms:.2f}" for v, ms in cold.items())
-                    )
-        if notes:
-            lines += ["", *(f"- {n}" for n in notes)]
-    if training:
-        lines += [
-            "",
-            f"## Training-step time (forward + backward + AdamW; {env['torch_threads']} thread; interleaved rounds, "
-            "fresh models each round)",
-            "",
-            "| model | configuration | step ms: median of per-round medians [min-max] "
-            "| ratio vs fp32, per round: median [min-max] | output rel L2 vs fp32 (check) |",
-            "|---|---|---|---|---|",
-        ]
-        for res in training.values():
-            for config, s in res["summary"].items():
-                ratio = _fmt(s["ratio_vs_fp32"], 3, "x") if "ratio_vs_fp32" in s else "1 (reference)"
-                lines.append(
-                    f"| {res['description']} ({res['n_rounds']} rounds x {res['steps_per_round']} steps) "
-                    f"| {TRAIN_LABELS[config]} "
-                    f"| {_fmt(s['median_of_medians_ms'])} | {ratio} | {res['output_rel_l2_vs_fp32'][config]:.4f} |"
+    title = "Int8 inference speed and QAT training-step time"
+    run.finish({"inference": inference, "training": training}, title, lines, threads[0], inference_threads=threads,
+               **versions)  # fmt: skip
+
+
+def _inference_tables(inference: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    header = ["model", "threads", "variant", "latency ms",
+              "speed-up vs fp32: ratio of per-round means, median [min-max]", "speed-up: ratio of per-round medians",
+              "CPU speed-up (thread_time medians)", "share of time in Linear/Conv layers"]  # fmt: skip
+    rows = []
+    for res in inference.values():
+        for t, block in res["by_threads"].items():
+            for variant, s in block["summary"].items():
+                speed = fmt_spread(s["speedup_vs_fp32"], 2, "x") if "speedup_vs_fp32" in s else "1 (reference)"
+                means = fmt_spread(s["speedup_vs_fp32_means"], 2, "x") if "speedup_vs_fp32_means" in s else "1"
+                cpu = fmt_spread(s["cpu_speedup_vs_fp32"], 2, "x") if "cpu_speedup_vs_fp32" in s else "-"
+                if t != "1":
+                    cpu = "- (other threads not counted)" if variant != "fp32" else "-"
+                bold = "**" if variant == "int8" else ""
+                share = block["layer_share"][variant]["share_in_layers"]
+                rows.append([res["description"], t, INFER_LABELS[variant], fmt_spread(s["median_of_medians_ms"]),
+                             f"{bold}{means}{bold}", speed, cpu, f"{share:.0%}"])  # fmt: skip
+    checks = []
+    for name, res in inference.items():
+        k, a = res["kernels"], res["agreement"]
+        iq, fq, pl_ = a["int8_vs_qat_eval"], a["fp32_vs_qat_eval"], a["per_layer_int8_vs_qat"]
+        kern = f"{k['layers_on_integer_kernel']}/{k['int8_layers']}"
+        if k["float_fallback_layers"]:
+            kern += f" (float fallback: {', '.join(k['float_fallback_layers'])})"
+        if not k["onednn_available"]:
+            kern += " (oneDNN unavailable)"
+        ta = a.get("torchao_vs_fp32")
+        checks.append([
+            name, res["data"], kern, f"{pl_['worst_rel_max_abs_diff']:.1e} (`{pl_['worst_layer']}`)",
+            f"{iq['max_abs_diff']:.2e} ({iq['ref_max_abs']:.3g}) / {iq['rel_l2']:.2e} / {iq['argmax_agreement']:.1%}",
+            f"{fq['rel_l2']:.4f} / {fq['argmax_agreement']:.1%}",
+            f"{ta['rel_l2']:.4f} / {ta['argmax_agreement']:.1%}" if ta else res.get("torchao_error", "-"),
+        ])  # fmt: skip
+    notes = [f"{name}: {n}" for name, res in inference.items() for n in res["notes"]]
+    for name, res in inference.items():
+        for t, block in res["by_threads"].items():
+            cold = {v: s["cold_median_of_medians_ms"]["median"] for v, s in block["summary"].items()
+                    if "cold_median_of_medians_ms" in s}  # fmt: skip
+            if cold:
+                notes.append(
+                    f"{name} ({t} thread): first call of each turn of {res['block']} (caches holding the previous "
+                    "variant), median ms: " + ", ".join(f"{v} {ms:.2f}" for v, ms in cold.items())
                 )
-    return "\n".join(lines) + "\n"
+    checks_header = ["model", "data", "int8 layers on oneDNN's integer kernel",
+                     "per layer, int8 vs QAT on the same input: worst max abs diff / max abs output",
+                     "whole model, int8 vs QAT eval: max abs diff (max abs) / rel L2 / argmax agree",
+                     "fp32 vs QAT eval: rel L2 / argmax agree", "torchao vs fp32: rel L2 / argmax agree"]  # fmt: skip
+    return [
+        "",
+        f"## Inference latency ({args.rounds} interleaved rounds; median of per-round medians [min-max])",
+        "",
+        *table(header, rows),
+        "",
+        "### Checks (one forward of the timed batch)",
+        "",
+        *table(checks_header, checks),
+        *(["", *(f"- {n}" for n in notes)] if notes else []),
+    ]
+
+
+def _training_table(training: dict[str, Any], threads: int) -> list[str]:
+    rows = []
+    for res in training.values():
+        for config, s in res["summary"].items():
+            ratio_text = fmt_spread(s["ratio_vs_fp32"], 3, "x") if "ratio_vs_fp32" in s else "1 (reference)"
+            rows.append([f"{res['description']} ({res['n_rounds']} rounds x {res['steps_per_round']} steps)",
+                         TRAIN_LABELS[config], fmt_spread(s["median_of_medians_ms"]), ratio_text,
+                         f"{res['output_rel_l2_vs_fp32'][config]:.4f}"])  # fmt: skip
+    header = ["model", "configuration", "step ms: median of per-round medians [min-max]",
+              "ratio vs fp32, per round: median [min-max]", "output rel L2 vs fp32 (check)"]  # fmt: skip
+    return [
+        "",
+        f"## Training-step time (forward + backward + AdamW; {threads} thread; interleaved rounds, fresh models each "
+        "round)",
+        "",
+        *table(header, rows),
+    ]
 
 
 if __name__ == "__main__":

@@ -70,37 +70,23 @@ through `LowRankLinear` with all components active (no rank mask multiply left).
 
 from __future__ import annotations
 
-import argparse
-import gc
-import multiprocessing as mp
 import re
 import statistics
 import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    QUIET,
-    Progress,
-    command_line,
-    detached_copy,
-    env_markdown,
-    environment,
-    evaluate,
-    public,
-    set_threads,
-    spread,
-    write_results,
-)
+from _common import Benchmark, in_processes, quiet_process, spread, table  # noqa: E402
+from _models import ENCODER_LINEAR_KINDS  # noqa: E402
+from _timing import interleaved, per_round, ratio  # noqa: E402
+from _training import detached_copy, evaluate, fit, minilm, public, rotten_tomatoes  # noqa: E402
 
+from lightning_compress._lightning import pl  # noqa: E402
 from lightning_compress.lowrank import LowRankLinear, LowRankRefactoring  # noqa: E402
 
 ENCODER_LINEARS = r"encoder\.encoder\.layer\..*"
@@ -124,8 +110,15 @@ LOWRANK: dict[str, dict[str, Any]] = {
 }
 FIT_CONFIGS = ("minilm_fp32", *LOWRANK)
 CONFIGS = (*FIT_CONFIGS, "latency")
-KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-         "intermediate.dense", "output.dense")  # fmt: skip
+BENCHMARK = Benchmark(
+    "lowrank_accuracy",
+    __doc__,
+    shared={"configs": "minilm_fp32,lowrank_budget48,lowrank_ratio32", "steps": 150, "seed": 0, "jobs": 1,
+            "threads": 1, "limit_test": None, "rounds": 10, "iters": 5},  # --rounds, --iters: of the latency step
+    options={"no_latency": (False, "skip the latency step")},
+    smoke={"configs": "minilm_fp32,lowrank_ratio32", "steps": 4, "limit_test": 32, "rounds": 1, "iters": 1},
+    choices={"configs": CONFIGS},
+)  # fmt: skip
 
 
 def encoder_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -166,7 +159,7 @@ def rank_summary(ranks: dict[str, int]) -> dict[str, Any]:
     if not values:
         return {}
     by_kind = {}
-    for kind in KINDS:
+    for kind in ENCODER_LINEAR_KINDS:
         kind_values = [r for n, r in ranks.items() if re.fullmatch(r".*layer\.\d+\." + re.escape(kind), n)]
         if kind_values:
             by_kind[kind] = {"min": min(kind_values), "median": statistics.median(kind_values),
@@ -188,31 +181,19 @@ def lowrank_callback(config: str, total: int) -> tuple[LowRankRefactoring, dict[
 
 def run_fit(config: str, args: dict[str, Any]) -> dict[str, Any]:
     """One fine-tune in this process: fit, count, test, and save the trained model for the latency step."""
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    from lightning_compress.data import RottenTomatoesDataModule
-    from lightning_compress.models import MiniLMClassifier
-
-    set_threads(args["threads"])
-    data = RottenTomatoesDataModule(batch_size=32, seed=args["seed"])
-    data.setup("fit")
+    quiet_process(args["threads"])
+    data = rotten_tomatoes(args["seed"])
     total = args["steps"]
-    pl.seed_everything(args["seed"], verbose=False)
-    model = MiniLMClassifier()
+    model = minilm(args["seed"])
     dense = linear_figures(model)
     result: dict[str, Any] = {"config": config, "steps": total}
     callbacks: list[pl.Callback] = []
     if config in LOWRANK:
         callback, result["schedule"] = lowrank_callback(config, total)
         callbacks.append(callback)
-    model.train()  # MiniLMClassifier does this itself now; kept explicit, as in qat_accuracy.py
     pl.seed_everything(args["seed"], verbose=False)  # same dropout masks in every configuration
-    progress = Progress(config, every=25)
-    trainer = pl.Trainer(callbacks=[*callbacks, progress], max_steps=total, **QUIET)
-    t0 = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    result["fit_s"] = time.perf_counter() - t0
-    kept = [1000 * t for t in progress.times[min(10, total // 5) :]] or [1000 * t for t in progress.times]
-    result["step_ms"] = {**spread(kept), "mean": statistics.fmean(kept)}
+    result["fit_s"], timer = fit(config, model, data, callbacks, every=25, max_steps=total)
+    result["step_ms"] = timer.summary(skip=min(10, total // 5))
     now = linear_figures(model)
     result["encoder_linear"] = {
         "layers": dense["layers"],
@@ -257,24 +238,9 @@ def latency_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return data.test_set.input_ids[:16].clone(), data.test_set.attention_mask[:16].clone()
 
 
-def time_round(variants: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], order: list[str], iters: int):
-    out = {name: {"wall_ms": [], "cpu_ms": []} for name in order}
-    gc.collect()
-    with torch.inference_mode():
-        for name in order:  # warm-up
-            variants[name](*inputs)
-        for _ in range(iters):
-            for name in order:
-                c0, t0 = time.thread_time(), time.perf_counter()
-                variants[name](*inputs)
-                out[name]["wall_ms"].append(1e3 * (time.perf_counter() - t0))
-                out[name]["cpu_ms"].append(1e3 * (time.thread_time() - c0))
-    return out
-
-
 def run_latency(configs: list[str], args: dict[str, Any]) -> dict[str, Any]:
     """Dense vs each truncated model, whole forward, interleaved rounds (see the header)."""
-    set_threads(1)
+    quiet_process(1)
     save_dir = Path(args["save_dir"])
     variants: dict[str, nn.Module] = {}
     source = {}
@@ -284,9 +250,7 @@ def run_latency(configs: list[str], args: dict[str, Any]) -> dict[str, Any]:
             variants[config] = torch.load(path, weights_only=False).eval()
             source[config] = "fine-tuned in this run"
     if "minilm_fp32" not in variants:  # latency does not depend on the weights' values
-        from lightning_compress.models import MiniLMClassifier
-
-        variants = {"minilm_fp32": MiniLMClassifier().eval(), **variants}
+        variants = {"minilm_fp32": minilm(args["seed"]).eval(), **variants}
         source["minilm_fp32"] = "pretrained encoder, untrained head (not fine-tuned in this run)"
     if len(variants) < 2:
         raise SystemExit("latency needs at least one low-rank configuration in --configs")
@@ -307,30 +271,18 @@ def run_latency(configs: list[str], args: dict[str, Any]) -> dict[str, Any]:
                 "encoder_linear_params": sum(p.numel() for m in low.values() for p in m.parameters()),
                 "total_params": sum(p.numel() for p in model.parameters()),
             }
-    names = list(variants)
-    rounds = []
-    for r in range(args["rounds"]):
-        k = r % len(names)
-        order = names[k:] + names[:k]
-        rounds.append(time_round(variants, inputs, order, args["iters"]))
-        means = {n: statistics.fmean(rounds[-1][n]["wall_ms"]) for n in names}
-        print(f"[latency] round {r} ({order[0]} first): " + ", ".join(f"{n} {v:.1f} ms" for n, v in means.items()),
-              flush=True)  # fmt: skip
-    summary = {}
-    for n in names:
-        summary[n] = {
-            "mean_ms": spread([statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]),
-            "median_ms": spread([statistics.median(rd[n]["wall_ms"]) for rd in rounds]),
-            "speedup_ratio_of_means": spread(
-                [statistics.fmean(rd["minilm_fp32"]["wall_ms"]) / statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]
-            ),
-            "speedup_ratio_of_medians": spread(
-                [statistics.median(rd["minilm_fp32"]["wall_ms"]) / statistics.median(rd[n]["wall_ms"]) for rd in rounds]
-            ),
-            "speedup_cpu_time": spread(
-                [statistics.fmean(rd["minilm_fp32"]["cpu_ms"]) / statistics.fmean(rd[n]["cpu_ms"]) for rd in rounds]
-            ),
+    rounds = interleaved(variants, inputs, args["rounds"], args["iters"], 1, "latency")
+    mean, median = statistics.fmean, statistics.median
+    summary = {
+        n: {
+            "mean_ms": spread(per_round(rounds, n, mean)),
+            "median_ms": spread(per_round(rounds, n, median)),
+            "speedup_ratio_of_means": ratio(rounds, "minilm_fp32", n, mean),
+            "speedup_ratio_of_medians": ratio(rounds, "minilm_fp32", n, median),
+            "speedup_cpu_time": ratio(rounds, "minilm_fp32", n, mean, "cpu_ms"),
         }
+        for n in variants
+    }
     return {
         "config": "latency",
         "inputs": "first 16 test snippets, 16 x 64 tokens (padded as in training)",
@@ -345,143 +297,94 @@ def run_latency(configs: list[str], args: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default="minilm_fp32,lowrank_budget48,lowrank_ratio32")
-    parser.add_argument("--steps", type=int, default=150, help="MiniLM fine-tuning steps (batch 32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1, help="fine-tunes at once (one process each)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--limit-test", type=int, default=None, help="test on the first N test examples (smoke)")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
-    parser.add_argument("--iters", type=int, default=5, help="timed forwards per variant per latency round")
-    parser.add_argument("--no-latency", action="store_true", help="skip the latency step")
-    parser.add_argument("--name", default="lowrank_accuracy", help="results file stem under benchmarks/results/")
-    args = parser.parse_args()
-    configs = [c for c in args.configs.split(",") if c]
-    if unknown := set(configs) - set(CONFIGS):
-        parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
-    set_threads(args.threads)
-    command = command_line()
+def main(argv: list[str] | None = None) -> None:
+    run = BENCHMARK.start(argv)
+    args, configs = run.args, run.items("configs")
     fits = [c for c in FIT_CONFIGS if c in configs]
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowrank_accuracy_") as save_dir:
-        settings = {**vars(args), "save_dir": save_dir}
-        if args.jobs > 1 and len(fits) > 1:
-            with mp.get_context("spawn").Pool(min(args.jobs, len(fits)), maxtasksperchild=1) as pool:
-                results = pool.starmap(run_fit, [(c, settings) for c in fits], chunksize=1)
-        else:
-            results = [run_fit(c, settings) for c in fits]
-        fit_wall_s = time.perf_counter() - t0
+        settings = {**run.settings, "save_dir": save_dir}
+        results = in_processes(run_fit, [(c, settings) for c in fits], args.jobs)
+        fit_wall_s = run.wall_s()
         latency = None
         if not args.no_latency and (any(c in LOWRANK for c in fits) or "latency" in configs):
             latency = run_latency(configs, settings)
-    settings.pop("save_dir")
-    wall_s = time.perf_counter() - t0
     base = next((r for r in results if r["config"] == "minilm_fp32"), None)
     for r in results:
         if base is not None and r is not base:
             r["test"]["drop_vs_fp32_points"] = 100 * (base["test"]["acc"] - r["test"]["acc"])
-    env = environment(args.threads)
-    payload = {
-        "benchmark": "lowrank_accuracy",
-        "command": command,
-        "environment": env,
-        "settings": settings,
-        "fit_wall_s": fit_wall_s,
-        "wall_s": wall_s,
-        "results": {r["config"]: r for r in results},
-        "latency": latency,
-    }
-    md = _markdown(results, latency, env, command, args, fit_wall_s)
-    json_path, md_path = write_results(args.name, payload, md)
-    print(md)
-    print(f"wrote {json_path.name} and {md_path.name} under benchmarks/results/")
+    payload = {"fit_wall_s": fit_wall_s, "wall_s": run.wall_s(), "results": {r["config"]: r for r in results},
+               "latency": latency}  # fmt: skip
+    title = "Low-rank refactoring of MiniLM's encoder: parameters, accuracy after fine-tuning, CPU latency"
+    run.finish(payload, title, _markdown(results, latency, args, fit_wall_s))
 
 
-def _markdown(
-    results: list[dict[str, Any]], latency: dict[str, Any] | None, env: dict[str, Any], command: str, args: Any,
-    fit_wall_s: float,
-) -> str:  # fmt: skip
+def _markdown(results: list[dict[str, Any]], latency: dict[str, Any] | None, args: Any, fit_wall_s: float) -> list[str]:
+    tested = "2,000" if args.limit_test is None else f"the first {args.limit_test} of 2,000"
     lines = [
-        "# Low-rank refactoring of MiniLM's encoder: parameters, accuracy after fine-tuning, CPU latency",
-        "",
-        env_markdown(env, command).rstrip(),
-        f"- Rotten Tomatoes, MiniLMClassifier, {args.steps} steps, batch 32, AdamW 2e-5, seed {args.seed}, "
-        f"{'2,000' if args.limit_test is None else f'the first {args.limit_test} of 2,000'} held-out snippets; "
-        f"fine-tunes: {fit_wall_s / 60:.1f} min wall with --jobs {args.jobs}",
+        f"- Rotten Tomatoes, MiniLMClassifier, {args.steps} steps, batch 32, AdamW 2e-5, seed {args.seed}, {tested}"
+        f" held-out snippets; fine-tunes: {fit_wall_s / 60:.1f} min wall with --jobs {args.jobs}",
         "- encoder Linear = the 36 Linear layers of the 6 encoder blocks (`encoder\\.encoder\\.layer\\..*`), weights +"
         " biases, counted from the trained model after fit (the low-rank layers truncated at fit end)",
     ]
     if results:
-        lines += [
-            "",
-            "| configuration | encoder Linear params dense -> after | reduction | test acc % | drop vs fp32 (points) "
-            "| ranks min / median / max | median rank q / k / v / attn-out / FFN-in / FFN-out | fit min "
-            "| step ms median | schedule |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        rows = []
         for r in results:
-            e, s = r["encoder_linear"], r.get("rank_summary")
-            drop = r["test"].get("drop_vs_fp32_points")
-            kinds = "-" if not s else " / ".join(f"{s['by_kind'][k]['median']:g}" for k in KINDS)
-            sched = r.get("schedule")
-            sched_text = "-" if not sched else ", ".join(f"{k}={v}" for k, v in sched.items() if k != "include")
-            lines.append(
-                "| " + " | ".join([
-                    r["config"],
-                    f"{e['params_dense']:,} -> {e['params_now']:,}",
-                    f"{100 * e['reduction']:.1f} %",
-                    f"{100 * r['test']['acc']:.2f}",
-                    "-" if drop is None else f"{drop:.2f}",
-                    "-" if not s else f"{s['min']} / {s['median']:g} / {s['max']}",
-                    kinds,
-                    f"{r['fit_s'] / 60:.1f}",
-                    f"{r['step_ms']['median']:.0f}",
-                    sched_text,
-                ]) + " |"
-            )  # fmt: skip
+            e, s, drop, sched = (
+                r["encoder_linear"],
+                r.get("rank_summary"),
+                r["test"].get("drop_vs_fp32_points"),
+                r.get("schedule"),
+            )
+            rows.append([
+                r["config"], f"{e['params_dense']:,} -> {e['params_now']:,}", f"{100 * e['reduction']:.1f} %",
+                f"{100 * r['test']['acc']:.2f}", "-" if drop is None else f"{drop:.2f}",
+                "-" if not s else f"{s['min']} / {s['median']:g} / {s['max']}",
+                "-" if not s else " / ".join(f"{s['by_kind'][k]['median']:g}" for k in ENCODER_LINEAR_KINDS),
+                f"{r['fit_s'] / 60:.1f}", f"{r['step_ms']['median']:.0f}",
+                "-" if not sched else ", ".join(f"{k}={v}" for k, v in sched.items() if k != "include"),
+            ])  # fmt: skip
+        header = ["configuration", "encoder Linear params dense -> after", "reduction", "test acc %",
+                  "drop vs fp32 (points)", "ranks min / median / max", "median rank q / k / v / attn-out / FFN-in / "
+                  "FFN-out", "fit min", "step ms median", "schedule"]  # fmt: skip
+        weights = "; ".join(
+            f"{r['config']} {r['encoder_linear']['weights_dense']:,} -> {r['encoder_linear']['weights_now']:,}"
+            f" ({100 * r['encoder_linear']['weight_reduction']:.1f} % fewer)"
+            for r in results
+            if r["config"] in LOWRANK
+        )
         lines += [
             "",
-            "Drop = fp32 accuracy minus this configuration's (positive = lower). Weights alone (biases not counted): "
-            + "; ".join(
-                f"{r['config']} {r['encoder_linear']['weights_dense']:,} -> {r['encoder_linear']['weights_now']:,}"
-                f" ({100 * r['encoder_linear']['weight_reduction']:.1f} % fewer)"
-                for r in results
-                if r["config"] in LOWRANK
-            )
-            + ". Step times come from fits running in parallel processes on a shared machine; a low-rank fit holds"
-            " both full-rank factors until fit end (rank masks keep shapes), so its steps are slower than dense.",
+            *table(header, rows),
+            "",
+            f"Drop = fp32 accuracy minus this configuration's (positive = lower). Weights alone (biases not counted): "
+            f"{weights}. Step times come from fits running in parallel processes on a shared machine; a low-rank fit"
+            " holds both full-rank factors until fit end (rank masks keep shapes), so its steps are slower than dense.",
         ]
     if latency is not None:
+        rows = []
+        for name, s in latency["summary"].items():
+            c, m, sp = latency["check"][name], s["mean_ms"], s["speedup_ratio_of_means"]
+            rows.append([name, f"{c['encoder_linear_params']:,}", f"{c['total_params']:,}",
+                         f"{m['median']:.1f} [{m['min']:.1f}-{m['max']:.1f}]",
+                         f"**{sp['median']:.2f}x** [{sp['min']:.2f}-{sp['max']:.2f}]",
+                         f"{s['speedup_ratio_of_medians']['median']:.2f}x",
+                         f"{s['speedup_cpu_time']['median']:.2f}x"])  # fmt: skip
+        header = ["model", "encoder Linear params", "all params", "latency ms: per-round mean, median [min-max]",
+                  "speed-up vs dense: ratio of per-round means, median [min-max]", "ratio of per-round medians",
+                  "CPU-time ratio"]  # fmt: skip
+        models = "; ".join(f"{k}: {v}" for k, v in latency["models"].items())
         lines += [
             "",
             f"## CPU latency, whole MiniLMClassifier forward ({latency['inputs']}; 1 thread, inference_mode; "
             f"{latency['rounds']} interleaved rounds x {latency['iters_per_round']} calls)",
             "",
-            "| model | encoder Linear params | all params | latency ms: per-round mean, median [min-max] "
-            "| speed-up vs dense: ratio of per-round means, median [min-max] | ratio of per-round medians "
-            "| CPU-time ratio |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, s in latency["summary"].items():
-            c = latency["check"][name]
-            m, sp = s["mean_ms"], s["speedup_ratio_of_means"]
-            lines.append(
-                f"| {name} | {c['encoder_linear_params']:,} | {c['total_params']:,} "
-                f"| {m['median']:.1f} [{m['min']:.1f}-{m['max']:.1f}] "
-                f"| **{sp['median']:.2f}x** [{sp['min']:.2f}-{sp['max']:.2f}] "
-                f"| {s['speedup_ratio_of_medians']['median']:.2f}x | {s['speedup_cpu_time']['median']:.2f}x |"
-            )
-        lines += [
+            *table(header, rows),
             "",
             f"{100 * latency['real_token_share']:.0f} % of the timed batch's positions are real tokens (the rest"
-            " padding, computed all the same). Models: "
-            + "; ".join(f"{k}: {v}" for k, v in latency["models"].items())
-            + ". The low-rank models run through `LowRankLinear` (two thin matmuls, all components active, no mask"
-            " multiply).",
+            f" padding, computed all the same). Models: {models}. The low-rank models run through `LowRankLinear` (two"
+            " thin matmuls, all components active, no mask multiply).",
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ Committed results (benchmarks/results/lowrank_speed.{json,md}) came from:
 Issue acceptance (low-rank refactoring): "4x Linear(1024) MLP at rank 128: measured speed-up >= 0.75x of the FLOP
 ratio (benchmark, one run)".
 
-- models (the inputs and weights of ``int8_speed.py``, built by its functions): ``mlp`` = 4 x Linear(1024, 1024) with
-  ReLU between them, batch 64, every Linear at rank 128 (``rank_ratio=0.125``); ``cnn`` = ``ReferenceCNN``
+- models (the inputs and weights of ``int8_speed.py``, both from ``_models.py``): ``mlp`` = 4 x Linear(1024, 1024)
+  with ReLU between them, batch 64, every Linear at rank 128 (``rank_ratio=0.125``); ``cnn`` = ``ReferenceCNN``
   (conv32-pool-conv64-pool-fc128-fc10), batch 256 of Fashion-MNIST t10k images (random images when the data set is not
   installed), ``rank_ratio=0.25`` on conv1, conv2 and fc1 (fc2, 10 x 128, stays dense); ``minilm`` = the MiniLM
   encoder of ``MiniLMClassifier`` alone (all-MiniLM-L6-v2, pretrained weights; ``last_hidden_state`` of 16 Rotten
@@ -48,11 +48,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +57,21 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env_markdown, environment, set_threads, spread, write_results  # noqa: E402
-from int8_speed import Bench, _cnn_bench, _minilm_bench, _mlp_bench, agreement, time_inference_round  # noqa: E402
+from _common import Benchmark, fmt_spread, quiet_process, table  # noqa: E402
+from _models import BUILDERS, MODELS, Bench, agreement  # noqa: E402
+from _timing import interleaved, latency_summary, ratio, time_inside  # noqa: E402
 
 from lightning_compress import LowRankRefactoring  # noqa: E402
 from lightning_compress.lowrank import LowRankConv2d, LowRankLinear  # noqa: E402
 from lightning_compress.monitor import measure_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("mlp", "cnn", "minilm")
+BENCHMARK = Benchmark(
+    "lowrank_speed",
+    __doc__,
+    shared={"models": ",".join(MODELS), "rounds": 8, "iters": 0, "share_iters": 7},
+    smoke={"rounds": 1, "iters": 1, "share_iters": 1},
+    choices={"models": MODELS},
+)
 ACCEPT_FRACTION = 0.75  # the issue: speed-up >= 0.75 x the FLOP ratio (mlp)
 DEFAULT_ITERS = {"mlp": 10, "cnn": 12, "minilm": 4}
 DEFAULT_BLOCK = {"mlp": 5, "cnn": 1, "minilm": 1}
@@ -86,28 +89,21 @@ class EncoderOnly(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def _mlp() -> tuple[Bench, dict[str, Any]]:
-    bench = _mlp_bench()
-    return bench, {"rank_ratio": 0.125, "include": None, "label": "every Linear at rank 128 (rank_ratio 0.125)"}
+#: Per model: LowRankRefactoring's rank_ratio and include, and how the results name them.
+TARGETS: dict[str, dict[str, Any]] = {
+    "mlp": {"rank_ratio": 0.125, "include": None, "label": "every Linear at rank 128 (rank_ratio 0.125)"},
+    "cnn": {"rank_ratio": 0.25, "include": ["conv1", "conv2", "fc1"], "label": "conv1, conv2, fc1 at 0.25"},
+    "minilm": {"rank_ratio": 0.25, "include": [r"encoder\.encoder\.layer\..*"], "label": "36 encoder Linears at 0.25"},
+}
 
 
-def _cnn() -> tuple[Bench, dict[str, Any]]:
-    bench = _cnn_bench()
-    return bench, {"rank_ratio": 0.25, "include": ["conv1", "conv2", "fc1"], "label": "conv1, conv2, fc1 at 0.25"}
-
-
-def _minilm() -> tuple[Bench, dict[str, Any]]:
-    bench = _minilm_bench()
-    bench.model = EncoderOnly(bench.model.encoder).eval()
-    bench.description = "MiniLM encoder only (all-MiniLM-L6-v2), 16 x 64 tokens"
-    return bench, {
-        "rank_ratio": 0.25,
-        "include": [r"encoder\.encoder\.layer\..*"],
-        "label": "36 encoder Linears at 0.25",
-    }
-
-
-BUILDERS: dict[str, Callable[[], tuple[Bench, dict[str, Any]]]] = {"mlp": _mlp, "cnn": _cnn, "minilm": _minilm}
+def timed_model(name: str) -> Bench:
+    """The model and batch of ``_models.py``; for MiniLM the encoder alone."""
+    bench = BUILDERS[name]()
+    if name == "minilm":
+        bench.model = EncoderOnly(bench.model.encoder).eval()
+        bench.description = "MiniLM encoder only (all-MiniLM-L6-v2), 16 x 64 tokens"
+    return bench
 
 
 def lowrank_copy(model: nn.Module, rank_ratio: float, include: list[str] | None) -> tuple[nn.Module, nn.Module, dict]:
@@ -174,55 +170,22 @@ def transposed_linears(model: nn.Module) -> nn.Module:
 def targeted_time(
     variants: dict[str, nn.Module], names: list[str], inputs: tuple, iters: int, block: int
 ) -> dict[str, dict[str, Any]]:
-    """Per variant, the median over ``iters`` forwards of the time inside each ``names`` layer and in all of them (ms),
-    and their share of the forward. Variants take turns; each turn runs ``block`` forwards and times the last."""
-    times: dict[str, dict[str, float]] = {v: {} for v in variants}
-    record: dict[str, list[float]] = {}
-    starts: dict[str, float] = {}
-    hooks = []
-    for variant, model in variants.items():
-        for name in names:
-            key = f"{variant}/{name}"
-            module = model.get_submodule(name)
-            hooks.append(
-                module.register_forward_pre_hook(lambda m, i, k=key: starts.__setitem__(k, time.perf_counter()))
-            )
-            hooks.append(
-                module.register_forward_hook(
-                    lambda m, i, o, k=key: times[k.split("/")[0]].__setitem__(
-                        k.split("/", 1)[1], time.perf_counter() - starts[k]
-                    )
-                )
-            )
-    try:
-        with torch.inference_mode():
-            for _ in range(iters):
-                for variant, model in variants.items():
-                    for _ in range(block):
-                        t0 = time.perf_counter()
-                        model(*inputs)
-                        total = time.perf_counter() - t0
-                    record.setdefault(f"{variant}/forward", []).append(1e3 * total)
-                    record.setdefault(f"{variant}/targeted", []).append(1e3 * sum(times[variant].values()))
-                    for name, seconds in times[variant].items():
-                        record.setdefault(f"{variant}/{name}", []).append(1e3 * seconds)
-    finally:
-        for h in hooks:
-            h.remove()
+    """Per variant, the median over ``iters`` hooked forwards of the time inside each ``names`` layer and in all of
+    them (ms), and their share of the forward."""
+    layers = {variant: {name: model.get_submodule(name) for name in names} for variant, model in variants.items()}
+    timed = time_inside(variants, layers, inputs, iters, block)
     out: dict[str, dict[str, Any]] = {}
-    for variant in variants:
-        med = {k.split("/", 1)[1]: statistics.median(v) for k, v in record.items() if k.startswith(variant + "/")}
-        out[variant] = {
-            "targeted_ms": med["targeted"],
-            "forward_ms": med["forward"],
-            "share": med["targeted"] / med["forward"],
-            "layers_ms": {n: med[n] for n in names},
-        }
+    for variant, record in timed.items():
+        med = {key: statistics.median(values) for key, values in record.items()}
+        share = med["inside"] / med["forward"]
+        out[variant] = {"targeted_ms": med["inside"], "forward_ms": med["forward"], "share": share,
+                        "layers_ms": {n: med[n] for n in names}}  # fmt: skip
     return out
 
 
-def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    bench, spec = BUILDERS[name]()
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Factorise, check, count FLOPs and time model ``name`` against fp32 (see the header)."""
+    bench, spec = timed_model(name), TARGETS[name]
     dense = bench.model.eval()
     masked, lowrank, targets = lowrank_copy(dense, spec["rank_ratio"], spec["include"])
     with torch.inference_mode():
@@ -259,40 +222,13 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     variants = {"fp32": dense, "lowrank": lowrank, "fp32_same_layout": transposed_linears(dense)}
     iters, block = args.iters or DEFAULT_ITERS[name], DEFAULT_BLOCK[name]
     result.update(iters_per_round=iters, block=block)
-    names = list(variants)
-    rounds = []
-    for r in range(args.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        rounds.append(time_inference_round(variants, bench.inputs, order, iters, block))
-        med = {n: statistics.median(rounds[-1][n]["wall_ms"]) for n in names}
-        print(f"[{name}] round {r} ({order[0]} first): " + ", ".join(f"{n} {med[n]:.2f} ms" for n in names), flush=True)
-    summary: dict[str, Any] = {}
-    for n in names:
-        summary[n] = {
-            "median_of_medians_ms": spread([statistics.median(rd[n]["wall_ms"]) for rd in rounds]),
-            "mean_ms": spread([statistics.fmean(rd[n]["wall_ms"]) for rd in rounds]),
-            "cpu_median_of_medians_ms": spread([statistics.median(rd[n]["cpu_ms"]) for rd in rounds]),
-        }
-        if block > 1:
-            summary[n]["cold_median_of_medians_ms"] = spread(
-                [statistics.median(rd[n]["cold_wall_ms"]) for rd in rounds]
-            )
+    rounds = interleaved(variants, bench.inputs, args.rounds, iters, block, name)
+    summary: dict[str, Any] = {n: latency_summary(rounds, n, block) for n in variants}
     low = summary["lowrank"]
-    low["speedup_means"] = spread(
-        [statistics.fmean(rd["fp32"]["wall_ms"]) / statistics.fmean(rd["lowrank"]["wall_ms"]) for rd in rounds]
-    )
-    low["speedup_medians"] = spread(
-        [statistics.median(rd["fp32"]["wall_ms"]) / statistics.median(rd["lowrank"]["wall_ms"]) for rd in rounds]
-    )
-    low["cpu_speedup"] = spread(
-        [statistics.median(rd["fp32"]["cpu_ms"]) / statistics.median(rd["lowrank"]["cpu_ms"]) for rd in rounds]
-    )
-    low["speedup_vs_same_layout_means"] = spread(
-        [
-            statistics.fmean(rd["fp32_same_layout"]["wall_ms"]) / statistics.fmean(rd["lowrank"]["wall_ms"])
-            for rd in rounds
-        ]
-    )
+    low["speedup_means"] = ratio(rounds, "fp32", "lowrank", statistics.fmean)
+    low["speedup_medians"] = ratio(rounds, "fp32", "lowrank", statistics.median)
+    low["cpu_speedup"] = ratio(rounds, "fp32", "lowrank", statistics.median, "cpu_ms")
+    low["speedup_vs_same_layout_means"] = ratio(rounds, "fp32_same_layout", "lowrank", statistics.fmean)
     flops = result["flops"]
     low["speedup_over_model_flop_ratio"] = low["speedup_means"]["median"] / flops["model_flop_ratio"]
     timed: dict[str, Any] = targeted_time(variants, list(targets), bench.inputs, args.share_iters, block)
@@ -311,47 +247,19 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per model")
-    parser.add_argument("--iters", type=int, default=0, help="turns per variant per round (0: per-model default)")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    parser.add_argument("--share-iters", type=int, default=7, help="forwards timed with hooks on the targeted layers")
-    parser.add_argument("--name", default="lowrank_speed", help="results file stem under benchmarks/results/")
-    args = parser.parse_args()
-    models = [m for m in args.models.split(",") if m]
-    if unknown := set(models) - set(MODELS):
-        parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
-    if args.rounds < 1:
-        parser.error("--rounds must be >= 1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    set_threads(1)
-    try:
-        script = Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        script = "benchmarks/lowrank_speed.py"
-    command = " ".join([".venv/bin/python", script, *sys.argv[1:]])
-    results = {name: run(name, args) for name in models}
-    env = environment(1)
-    payload = {"benchmark": "lowrank_speed", "command": command, "environment": env, "settings": vars(args),
-               "results": results}  # fmt: skip
-    md = _markdown(results, env, command, args)
-    json_path, md_path = write_results(args.name, payload, md)
-    print(md)
-    print(f"wrote {json_path.relative_to(ROOT)} and {md_path.relative_to(ROOT)}")
+def main(argv: list[str] | None = None) -> None:
+    run = BENCHMARK.start(argv)
+    models = run.items("models")
+    if run.args.rounds < 1:
+        run.error("--rounds must be >= 1")
+    quiet_process(1)
+    results = {name: measure(name, run.args) for name in models}
+    title = "Low-rank inference speed against fp32, next to the FLOP ratio"
+    run.finish({"results": results}, title, _markdown(results, run.args), threads=1)
 
 
-def _fmt(s: dict[str, float], digits: int = 2, suffix: str = "") -> str:
-    return f"{s['median']:.{digits}f}{suffix} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
-
-
-def _markdown(results: dict[str, Any], env: dict[str, Any], command: str, args: argparse.Namespace) -> str:
-    lines = [
-        "# Low-rank inference speed against fp32, next to the FLOP ratio",
-        "",
-        env_markdown(env, command).rstrip(),
-        "- see the script's header for what is timed, how the rounds are interleaved and how FLOPs are counted.",
-    ]
+def _markdown(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    lines = ["- see the script's header for what is timed, how the rounds are interleaved and how FLOPs are counted."]
     if "mlp" in results:
         acc = results["mlp"]["acceptance"]
         verdict = "**met**" if acc["met"] else "**not met**"
@@ -359,79 +267,33 @@ def _markdown(results: dict[str, Any], env: dict[str, Any], command: str, args: 
             f"- acceptance (4 x Linear(1024) at rank 128: speed-up >= {ACCEPT_FRACTION} x FLOP ratio = "
             f"{acc['needed_speedup']:.2f}x): measured {acc['measured_speedup']:.2f}x, {verdict}"
         )
-    lines += [
-        "",
-        f"## Latency ({args.rounds} interleaved rounds, 1 thread; ms: median of per-round medians [min-max])",
-        "",
-        "| model | low-rank targets | fp32 ms | low-rank ms | speed-up: ratio of per-round means, median [min-max] "
-        "| ratio of medians | CPU-time speed-up | FLOP ratio, whole model | speed-up / FLOP ratio "
-        "| fp32 with Linear weights in the factors' layout: ms; low-rank speed-up over it "
-        "| params fp32 -> low-rank |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for res in results.values():
-        s, f = res["summary"], res["flops"]
-        low = s["lowrank"]
-        lines.append(
-            f"| {res['description']} | {res['targets']} | {_fmt(s['fp32']['median_of_medians_ms'])} "
-            f"| {_fmt(low['median_of_medians_ms'])} | **{_fmt(low['speedup_means'], 2, 'x')}** "
-            f"| {_fmt(low['speedup_medians'], 2, 'x')} | {_fmt(low['cpu_speedup'], 2, 'x')} "
-            f"| {f['model_flop_ratio']:.2f}x | {low['speedup_over_model_flop_ratio']:.2f} "
-            f"| {_fmt(s['fp32_same_layout']['median_of_medians_ms'])}; "
-            f"{_fmt(low['speedup_vs_same_layout_means'], 2, 'x')} "
-            f"| {f['params_dense']:,} -> {f['params_lowrank']:,} |"
-        )
-    lines += [
-        "",
-        f"## Inside the targeted layers (forward hooks, median of {args.share_iters} forwards)",
-        "",
-        "| model | targeted layers: FLOP ratio | their time fp32 -> low-rank ms | their speed-up | speed-up / FLOP "
-        "ratio | their share of the forward, fp32 / low-rank |",
-        "|---|---|---|---|---|---|",
-    ]
-    for res in results.values():
-        t, f = res["targeted_layers_time"], res["flops"]
-        lines.append(
-            f"| {res['description']} | {f['targeted_flop_ratio']:.2f}x ({len(f['layers'])} layers) "
-            f"| {t['fp32']['targeted_ms']:.2f} -> {t['lowrank']['targeted_ms']:.2f} | {t['targeted_speedup']:.2f}x "
-            f"| {t['targeted_speedup_over_flop_ratio']:.2f} | {t['fp32']['share']:.0%} / {t['lowrank']['share']:.0%} |"
-        )
-    lines += [
-        "",
-        "### Per targeted layer (same hooked forwards)",
-        "",
-        "| model | layer | weight shape | rank | FLOP ratio | fp32 ms -> low-rank ms | speed-up |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    latency, inside, per_layer, checks = [], [], [], []
     for name, res in results.items():
-        t, layers = res["targeted_layers_time"], res["flops"]["layers"]
+        s, f, t, c = res["summary"], res["flops"], res["targeted_layers_time"], res["checks"]
+        low, tm, lf = s["lowrank"], c["truncated_vs_masked"], c["lowrank_vs_fp32"]
+        latency.append([res["description"], res["targets"], fmt_spread(s["fp32"]["median_of_medians_ms"]),
+                        fmt_spread(low["median_of_medians_ms"]), f"**{fmt_spread(low['speedup_means'], 2, 'x')}**",
+                        fmt_spread(low["speedup_medians"], 2, "x"), fmt_spread(low["cpu_speedup"], 2, "x"),
+                        f"{f['model_flop_ratio']:.2f}x", f"{low['speedup_over_model_flop_ratio']:.2f}",
+                        f"{fmt_spread(s['fp32_same_layout']['median_of_medians_ms'])}; "
+                        f"{fmt_spread(low['speedup_vs_same_layout_means'], 2, 'x')}",
+                        f"{f['params_dense']:,} -> {f['params_lowrank']:,}"])  # fmt: skip
+        inside.append([res["description"], f"{f['targeted_flop_ratio']:.2f}x ({len(f['layers'])} layers)",
+                       f"{t['fp32']['targeted_ms']:.2f} -> {t['lowrank']['targeted_ms']:.2f}",
+                       f"{t['targeted_speedup']:.2f}x", f"{t['targeted_speedup_over_flop_ratio']:.2f}",
+                       f"{t['fp32']['share']:.0%} / {t['lowrank']['share']:.0%}"])  # fmt: skip
+        layers = f["layers"]
         shown = list(layers) if len(layers) <= 8 else [n for n in layers if ".layer.0." in n]
         for layer in shown:
-            v = layers[layer]
-            dense_ms, low_ms = t["fp32"]["layers_ms"][layer], t["lowrank"]["layers_ms"][layer]
-            lines.append(
-                f"| {name} | `{layer}` | {'x'.join(map(str, v['weight_shape']))} | {v['rank']} "
-                f"| {v['flop_ratio']:.2f}x | {dense_ms:.3f} -> {low_ms:.3f} | {dense_ms / low_ms:.2f}x |"
-            )
+            v, dense_ms, low_ms = layers[layer], t["fp32"]["layers_ms"][layer], t["lowrank"]["layers_ms"][layer]
+            shape = "x".join(map(str, v["weight_shape"]))
+            per_layer.append([name, f"`{layer}`", shape, v["rank"], f"{v['flop_ratio']:.2f}x",
+                              f"{dense_ms:.3f} -> {low_ms:.3f}", f"{dense_ms / low_ms:.2f}x"])  # fmt: skip
         if len(shown) < len(layers):
-            lines.append(f"| {name} | (layer 0 shown of {len(layers) // len(shown)}) | | | | | |")
-    lines += [
-        "",
-        "## Checks (one forward of the timed batch)",
-        "",
-        "| model | data | truncated vs masked: max abs diff (max abs) | low-rank vs fp32: rel L2 (truncation error "
-        "of untrained weights) | whole-model FLOPs counted, fp32 -> low-rank | targeted layers' share of fp32 FLOPs |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, res in results.items():
-        c = res["checks"]
-        tm, lf = c["truncated_vs_masked"], c["lowrank_vs_fp32"]
-        f = res["flops"]
-        lines.append(
-            f"| {name} | {res['data']} | {tm['max_abs_diff']:.1e} ({tm['ref_max_abs']:.3g}) | {lf['rel_l2']:.3f} "
-            f"| {f['model_flops_dense'] / 1e9:.3f} G -> {f['model_flops_lowrank'] / 1e9:.3f} G "
-            f"| {f['targeted_flops_dense'] / f['model_flops_dense']:.1%} |"
-        )
+            per_layer.append([name, f"(layer 0 shown of {len(layers) // len(shown)})", "", "", "", "", ""])
+        checks.append([name, res["data"], f"{tm['max_abs_diff']:.1e} ({tm['ref_max_abs']:.3g})", f"{lf['rel_l2']:.3f}",
+                       f"{f['model_flops_dense'] / 1e9:.3f} G -> {f['model_flops_lowrank'] / 1e9:.3f} G",
+                       f"{f['targeted_flops_dense'] / f['model_flops_dense']:.1%}"])  # fmt: skip
     notes = [f"{name}: {n}" for name, res in results.items() for n in res["notes"]]
     for name, res in results.items():
         cold = {v: s["cold_median_of_medians_ms"]["median"] for v, s in res["summary"].items()
@@ -441,9 +303,63 @@ def _markdown(results: dict[str, Any], env: dict[str, Any], command: str, args: 
                 f"{name}: first call of each turn of {res['block']} (caches holding the other variant), median ms: "
                 + ", ".join(f"{v} {ms:.2f}" for v, ms in cold.items())
             )
-    if notes:
-        lines += ["", *(f"- {n}" for n in notes)]
-    return "\n".join(lines) + "\n"
+    return [
+        *lines,
+        "",
+        f"## Latency ({args.rounds} interleaved rounds, 1 thread; ms: median of per-round medians [min-max])",
+        "",
+        *table(
+            [
+                "model",
+                "low-rank targets",
+                "fp32 ms",
+                "low-rank ms",
+                "speed-up: ratio of per-round means, median [min-max]",
+                "ratio of medians",
+                "CPU-time speed-up",
+                "FLOP ratio, whole model",
+                "speed-up / FLOP ratio",
+                "fp32 with Linear weights in the factors' layout: ms; low-rank speed-up over it",
+                "params fp32 -> low-rank",
+            ],
+            latency,
+        ),  # fmt: skip
+        "",
+        f"## Inside the targeted layers (forward hooks, median of {args.share_iters} forwards)",
+        "",
+        *table(
+            [
+                "model",
+                "targeted layers: FLOP ratio",
+                "their time fp32 -> low-rank ms",
+                "their speed-up",
+                "speed-up / FLOP ratio",
+                "their share of the forward, fp32 / low-rank",
+            ],
+            inside,
+        ),  # fmt: skip
+        "",
+        "### Per targeted layer (same hooked forwards)",
+        "",
+        *table(
+            ["model", "layer", "weight shape", "rank", "FLOP ratio", "fp32 ms -> low-rank ms", "speed-up"], per_layer
+        ),
+        "",
+        "## Checks (one forward of the timed batch)",
+        "",
+        *table(
+            [
+                "model",
+                "data",
+                "truncated vs masked: max abs diff (max abs)",
+                "low-rank vs fp32: rel L2 (truncation error of untrained weights)",
+                "whole-model FLOPs counted, fp32 -> low-rank",
+                "targeted layers' share of fp32 FLOPs",
+            ],
+            checks,
+        ),  # fmt: skip
+        *(["", *(f"- {n}" for n in notes)] if notes else []),
+    ]
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ benchmarks/lowrank_accuracy.py fine-tunes) replaced by a rank-r truncation, the 
   `ranks_for_budget` used before (the next direction with the most relative energy per weight first, over all
   layers; reproduced here as `greedy_ranks`).
 
-Measured on the 2,000 held-out Rotten Tomatoes snippets: the mean cosine similarity of each snippet's mean-pooled
-embedding to the dense encoder's, and the test accuracy of a logistic regression fitted on the dense embeddings of
-the first `--probe-train` training snippets (the dense encoder's probe reading the truncated encoder's embeddings;
-and, refitted, a probe of the truncated encoder's own). No step of training anywhere: this isolates what the
-truncation keeps, which fine-tuning (benchmarks/lowrank_accuracy.py) then has to recover.
+Measured on the 2,000 held-out Rotten Tomatoes snippets (the first `--limit-test` if set): the mean cosine
+similarity of each snippet's mean-pooled embedding to the dense encoder's, and the test accuracy of a logistic
+regression fitted on the dense embeddings of the first `--probe-train` training snippets (the dense encoder's probe
+reading the truncated encoder's embeddings; and, refitted, a probe of the truncated encoder's own). No step of
+training anywhere: this isolates what the truncation keeps, which fine-tuning (benchmarks/lowrank_accuracy.py) then
+has to recover.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from __future__ import annotations
 import argparse
 import copy
 import re
+import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,25 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, env_markdown, environment, set_threads, write_results  # noqa: E402
+from _common import Benchmark, table  # noqa: E402
+from _models import ENCODER_LINEAR_KINDS, forward_hooks  # noqa: E402
+from _training import minilm, rotten_tomatoes  # noqa: E402
 
 from lightning_compress.lowrank import LayerSpectrum, factor, rank_for_ratio, ranks_for_budget  # noqa: E402
 from lightning_compress.lowrank.whitening import whitened_factors  # noqa: E402
 
+BENCHMARK = Benchmark(
+    "lowrank_truncation",
+    __doc__,
+    shared={"threads": 1, "limit_test": None},
+    options={
+        "budget": (0.48, "share of the 36 layers' weights kept"),
+        "rank_ratio": (0.32, "the `ratio` allocation's rank_ratio"),
+        "calibration": (256, "training snippets for the input moments"),
+        "probe_train": (3000, "training snippets the probes are fitted on"),
+    },
+    smoke={"calibration": 16, "probe_train": 64, "limit_test": 64},
+)
 BLOCK_LINEARS = r"encoder\.layer\..*"  # inside the HF encoder; `encoder\.encoder\.layer\..*` from MiniLMClassifier
 ALLOCATIONS = ("ratio", "equal_share", "energy_per_weight")
 
@@ -81,55 +96,18 @@ def input_moments(encoder: nn.Module, layers: dict[str, nn.Linear], ids: torch.T
     sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
     rows = dict.fromkeys(layers, 0)
 
-    def hook(name: str):
-        def add(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] += x.T @ x
-            rows[name] += x.shape[0]
+    def add(name: str, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        sums[name] += x.T @ x
+        rows[name] += x.shape[0]
 
-        return add
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
+    with forward_hooks(layers, after=add):
         pooled(encoder, ids, mask, batch=32)
-    finally:
-        for h in handles:
-            h.remove()
     return {name: sums[name] / rows[name] for name in layers}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--budget", type=float, default=0.48, help="share of the 36 layers' weights kept")
-    parser.add_argument("--rank-ratio", type=float, default=0.32, help="the `ratio` allocation's rank_ratio")
-    parser.add_argument("--calibration", type=int, default=256, help="training snippets for the input moments")
-    parser.add_argument("--probe-train", type=int, default=3000, help="training snippets the probes are fitted on")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--name", default="lowrank_truncation", help="results file stem under benchmarks/results/")
-    args = parser.parse_args()
-    set_threads(args.threads)
-    from sklearn.linear_model import LogisticRegression
-
-    from lightning_compress.data import RottenTomatoesDataModule
-    from lightning_compress.models import MiniLMClassifier
-
-    command = command_line()
-    t0 = time.perf_counter()
-    data = RottenTomatoesDataModule(batch_size=32, seed=0)
-    data.setup("fit")
-    train, test = data.train_set, data.test_set
-    encoder = MiniLMClassifier().encoder.eval()
-    layers = {n: m for n, m in encoder.named_modules() if re.fullmatch(BLOCK_LINEARS, n) and isinstance(m, nn.Linear)}
-    moments = input_moments(
-        encoder, layers, train.input_ids[: args.calibration], train.attention_mask[: args.calibration]
-    )
-    n_train = args.probe_train
-    dense_train = pooled(encoder, train.input_ids[:n_train], train.attention_mask[:n_train]).numpy()
-    dense_test = pooled(encoder, test.input_ids, test.attention_mask)
-    labels_train, labels_test = train.labels[:n_train].numpy(), test.labels.numpy()
-    probe = LogisticRegression(max_iter=2000).fit(dense_train, labels_train)
-    results: dict[str, Any] = {"dense": {"probe_acc": float(probe.score(dense_test.numpy(), labels_test))}}
-    dense_weights = sum(m.weight.numel() for m in layers.values())
+def truncations(layers: dict[str, nn.Linear], moments: dict[str, torch.Tensor], args: argparse.Namespace):
+    """Per ``basis/allocation``: the rank of every layer and its rank-r factors (first, second)."""
     for basis in ("weights", "whitened"):
         factors, spectra = {}, []
         for name, m in layers.items():
@@ -146,81 +124,87 @@ def main() -> None:
                 ranks = ranks_for_budget(spectra, args.budget, 0.1)
             else:
                 ranks = greedy_ranks(spectra, args.budget)
-            truncated = copy.deepcopy(encoder)
-            modules = dict(truncated.named_modules())
-            with torch.no_grad():
-                for name, rank in ranks.items():
-                    first, second = factors[name]
-                    modules[name].weight.copy_((second[:, :rank] @ first[:rank]).float())
-            kept = sum(s.params_at(ranks[s.name]) for s in spectra) / dense_weights
-            emb_test = pooled(truncated, test.input_ids, test.attention_mask)
-            emb_train = pooled(truncated, train.input_ids[:n_train], train.attention_mask[:n_train]).numpy()
-            refit = LogisticRegression(max_iter=2000).fit(emb_train, labels_train)
-            key = f"{basis}/{allocation}"
-            results[key] = {
-                "weights_kept": kept,
-                "cosine_to_dense": float(nn.functional.cosine_similarity(emb_test, dense_test).mean()),
-                "dense_probe_acc": float(probe.score(emb_test.numpy(), labels_test)),
-                "refit_probe_acc": float(refit.score(emb_test.numpy(), labels_test)),
-                "ranks": ranks,
-                "median_rank_by_kind": median_by_kind(ranks),
-            }
-            r = results[key]
-            print(
-                f"{key}: weights {100 * kept:.1f} %, cosine {r['cosine_to_dense']:.4f}, probe "
-                f"{100 * r['dense_probe_acc']:.2f} % (refit {100 * r['refit_probe_acc']:.2f} %)",
-                flush=True,
-            )
-    env = environment(args.threads)
-    payload = {"benchmark": "lowrank_truncation", "command": command, "environment": env, "settings": vars(args),
-               "wall_s": time.perf_counter() - t0, "results": results}  # fmt: skip
-    md = markdown(results, env, command, args)
-    write_results(args.name, payload, md)
-    print(md)
+            yield f"{basis}/{allocation}", ranks, factors, spectra
 
 
-KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-         "intermediate.dense", "output.dense")  # fmt: skip
+def main(argv: list[str] | None = None) -> None:
+    run = BENCHMARK.start(argv)
+    args = run.args
+    from sklearn.linear_model import LogisticRegression
+
+    data = rotten_tomatoes(0)
+    train, test = data.train_set, data.test_set
+    encoder = minilm(0).encoder.eval()
+    layers = {n: m for n, m in encoder.named_modules() if re.fullmatch(BLOCK_LINEARS, n) and isinstance(m, nn.Linear)}
+    moments = input_moments(
+        encoder, layers, train.input_ids[: args.calibration], train.attention_mask[: args.calibration]
+    )
+    n_train, n_test = args.probe_train, args.limit_test
+    test_ids, test_mask, labels_test = (
+        test.input_ids[:n_test],
+        test.attention_mask[:n_test],
+        test.labels[:n_test].numpy(),
+    )
+    dense_train = pooled(encoder, train.input_ids[:n_train], train.attention_mask[:n_train]).numpy()
+    dense_test = pooled(encoder, test_ids, test_mask)
+    labels_train = train.labels[:n_train].numpy()
+    probe = LogisticRegression(max_iter=2000).fit(dense_train, labels_train)
+    results: dict[str, Any] = {"dense": {"probe_acc": float(probe.score(dense_test.numpy(), labels_test))}}
+    dense_weights = sum(m.weight.numel() for m in layers.values())
+    for key, ranks, factors, spectra in truncations(layers, moments, args):
+        truncated = copy.deepcopy(encoder)
+        modules = dict(truncated.named_modules())
+        with torch.no_grad():
+            for name, rank in ranks.items():
+                first, second = factors[name]
+                modules[name].weight.copy_((second[:, :rank] @ first[:rank]).float())
+        kept = sum(s.params_at(ranks[s.name]) for s in spectra) / dense_weights
+        emb_test = pooled(truncated, test_ids, test_mask)
+        emb_train = pooled(truncated, train.input_ids[:n_train], train.attention_mask[:n_train]).numpy()
+        refit = LogisticRegression(max_iter=2000).fit(emb_train, labels_train)
+        r = results[key] = {
+            "weights_kept": kept,
+            "cosine_to_dense": float(nn.functional.cosine_similarity(emb_test, dense_test).mean()),
+            "dense_probe_acc": float(probe.score(emb_test.numpy(), labels_test)),
+            "refit_probe_acc": float(refit.score(emb_test.numpy(), labels_test)),
+            "ranks": ranks,
+            "median_rank_by_kind": median_by_kind(ranks),
+        }
+        print(
+            f"{key}: weights {100 * kept:.1f} %, cosine {r['cosine_to_dense']:.4f}, probe "
+            f"{100 * r['dense_probe_acc']:.2f} % (refit {100 * r['refit_probe_acc']:.2f} %)",
+            flush=True,
+        )
+    title = "MiniLM encoder Linears truncated without fine-tuning: factor basis and rank allocation"
+    run.finish({"wall_s": run.wall_s(), "results": results}, title, markdown(results, args, len(labels_test)))
 
 
 def median_by_kind(ranks: dict[str, int]) -> list[float]:
-    import statistics
-
     return [
         statistics.median(r for n, r in ranks.items() if re.fullmatch(r"encoder\.layer\.\d+\." + re.escape(k), n))
-        for k in KINDS
+        for k in ENCODER_LINEAR_KINDS
     ]
 
 
-def markdown(results: dict[str, Any], env: dict[str, Any], command: str, args: Any) -> str:
-    lines = [
-        "# MiniLM encoder Linears truncated without fine-tuning: factor basis and rank allocation",
-        "",
-        env_markdown(env, command).rstrip(),
-        f"- pretrained all-MiniLM-L6-v2, the 36 encoder-block Linears at about {100 * args.budget:.0f} % of their"
-        f" weights (`ratio`: rank_ratio {args.rank_ratio});"
-        f" input moments from {args.calibration} training snippets; 2,000 held-out snippets; probes fitted on"
-        f" {args.probe_train} training snippets",
-        "",
-        "| basis / allocation | weights kept | cosine to dense embedding | dense probe acc % | refitted probe acc % "
-        "| median rank q / k / v / attn-out / FFN-in / FFN-out |",
-        "|---|---|---|---|---|---|",
-        f"| dense | 100 % | 1 | {100 * results['dense']['probe_acc']:.2f} | - | - |",
-    ]
+def markdown(results: dict[str, Any], args: Any, n_test: int) -> list[str]:
+    rows = [["dense", "100 %", "1", f"{100 * results['dense']['probe_acc']:.2f}", "-", "-"]]
     for key, r in results.items():
-        if key == "dense":
-            continue
-        kinds = " / ".join(f"{v:g}" for v in r["median_rank_by_kind"])
-        lines.append(
-            f"| {key} | {100 * r['weights_kept']:.1f} % | {r['cosine_to_dense']:.4f} | {100 * r['dense_probe_acc']:.2f}"
-            f" | {100 * r['refit_probe_acc']:.2f} | {kinds} |"
-        )
-    lines += [
+        if key != "dense":
+            kinds = " / ".join(f"{v:g}" for v in r["median_rank_by_kind"])
+            rows.append([key, f"{100 * r['weights_kept']:.1f} %", f"{r['cosine_to_dense']:.4f}",
+                         f"{100 * r['dense_probe_acc']:.2f}", f"{100 * r['refit_probe_acc']:.2f}", kinds])  # fmt: skip
+    header = ["basis / allocation", "weights kept", "cosine to dense embedding", "dense probe acc %",
+              "refitted probe acc %", "median rank q / k / v / attn-out / FFN-in / FFN-out"]  # fmt: skip
+    return [
+        f"- pretrained all-MiniLM-L6-v2, the 36 encoder-block Linears at about {100 * args.budget:.0f} % of their"
+        f" weights (`ratio`: rank_ratio {args.rank_ratio}); input moments from {args.calibration} training snippets;"
+        f" {n_test:,} held-out snippets; probes fitted on {args.probe_train} training snippets",
+        "",
+        *table(header, rows),
         "",
         "`weights` = plain SVD (LowRankRefactoring without `calibration_steps`); `whitened` = SVD of W L (with it)."
         " `equal_share` is `ranks_for_budget`; `energy_per_weight` the greedy it replaced.",
     ]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -37,39 +37,27 @@ Reported: test accuracy, the drop vs dense in points, the measured fraction of e
 
 from __future__ import annotations
 
-import argparse
-import math
-import multiprocessing as mp
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelPruning
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import QUIET, command_line, env_markdown, environment, set_threads, weight_sparsity, write_results  # noqa: E402
+from _common import QUIET, Benchmark, in_processes, quiet_process, table  # noqa: E402
+from _training import fashion_mnist, fit, model_pruning, reference_cnn, weight_sparsity  # noqa: E402
 
 from lightning_compress import GradualPruning  # noqa: E402
-from lightning_compress.data import FashionMNISTDataModule  # noqa: E402
-from lightning_compress.models import ImageClassifier  # noqa: E402
+from lightning_compress._lightning import pl  # noqa: E402
 
 CONFIGS = ("dense", "gradual90", "modelpruning90", "gradual99", "modelpruning99")
-
-
-class Progress(pl.Callback):
-    def __init__(self, config: str) -> None:
-        self.config, self.t0 = config, time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
-        print(
-            f"[{self.config}] epoch {trainer.current_epoch} done at {time.perf_counter() - self.t0:.0f} s, "
-            f"step {trainer.global_step}, last train/loss {float(loss) if loss is not None else float('nan'):.3f}",
-            flush=True,
-        )
+BENCHMARK = Benchmark(
+    "pruning_accuracy",
+    __doc__,
+    shared={"configs": "dense,gradual90,modelpruning90", "epochs": 4, "seed": 0, "jobs": 1, "threads": 1,
+            "limit_train": None},
+    options={"limit_test_batches": (1.0, "Trainer.limit_test_batches")},
+    smoke={"epochs": 2, "limit_train": 256, "limit_test_batches": 2.0},
+    choices={"configs": CONFIGS},
+)  # fmt: skip
 
 
 def gradual_schedule(total_steps: int) -> dict[str, int]:
@@ -95,13 +83,10 @@ class _Amount:
 
 
 def run_config(config: str, args: dict[str, Any]) -> dict[str, Any]:
-    set_threads(args["threads"])
-    data = FashionMNISTDataModule(batch_size=128, seed=args["seed"], limit_train=args["limit_train"])
-    data.setup("fit")
-    steps_per_epoch = math.ceil(len(data.train_set) / 128)
+    quiet_process(args["threads"])
+    data, steps_per_epoch = fashion_mnist(args["seed"], args["limit_train"])
     total = args["epochs"] * steps_per_epoch
-    pl.seed_everything(args["seed"], verbose=False)
-    model = ImageClassifier(image_size=28)
+    model = reference_cnn(args["seed"])
     callbacks: list[pl.Callback] = []
     info: dict[str, Any] = {"steps_per_epoch": steps_per_epoch, "total_steps": total}
     if config.startswith("gradual"):
@@ -113,26 +98,13 @@ def run_config(config: str, args: dict[str, Any]) -> dict[str, Any]:
         target = int(config.removeprefix("modelpruning")) / 100
         per_prune = modelpruning_amount(target, args["epochs"])
         last = max(0, args["epochs"] - 2)
-        weights = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        callbacks.append(
-            ModelPruning(
-                "l1_unstructured",
-                parameters_to_prune=weights,
-                amount=_Amount(per_prune, last),
-                use_global_unstructured=True,
-                use_lottery_ticket_hypothesis=False,
-            )
-        )
+        callbacks.append(model_pruning(model, _Amount(per_prune, last)))
         info["schedule"] = {
             "target_sparsity": target,
             "amount_per_prune": per_prune,
             "prunes_at_end_of_epochs": list(range(last + 1)),
         }
-    callbacks.append(Progress(config))
-    trainer = pl.Trainer(max_epochs=args["epochs"], callbacks=callbacks, **QUIET)
-    t0 = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_s = time.perf_counter() - t0
+    fit_s, _ = fit(config, model, data, callbacks, every=steps_per_epoch, max_epochs=args["epochs"])
     sparsity = weight_sparsity(model)
     tester = pl.Trainer(limit_test_batches=args["limit_test_batches"], **QUIET)
     test = tester.test(model, datamodule=data, verbose=False)[0]
@@ -148,79 +120,43 @@ def run_config(config: str, args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--configs", default="dense,gradual90,modelpruning90", help=f"comma list from {CONFIGS}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1, help="configurations trained at once (one process each)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--limit-train", type=int, default=None, help="cut the training set (smoke tests)")
-    parser.add_argument("--limit-test-batches", type=float, default=1.0, help="Trainer.limit_test_batches")
-    parser.add_argument("--name", default="pruning_accuracy", help="results file stem under benchmarks/results/")
-    args = parser.parse_args()
-    configs = [c for c in args.configs.split(",") if c]
-    if unknown := set(configs) - set(CONFIGS):
-        parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
-    set_threads(args.threads)
-    command = command_line()
-    settings = vars(args)
-    t0 = time.perf_counter()
-    if args.jobs > 1:
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.starmap(run_config, [(c, settings) for c in configs])
-    else:
-        results = [run_config(c, settings) for c in configs]
-    wall_s = time.perf_counter() - t0
+def main(argv: list[str] | None = None) -> None:
+    run = BENCHMARK.start(argv)
+    args = run.args
+    results = in_processes(run_config, [(c, run.settings) for c in run.items("configs")], args.jobs)
+    wall_s = run.wall_s()
     by_config = {r["config"]: r for r in results}
     if "dense" in by_config:
         for r in results:
             r["drop_vs_dense_points"] = 100 * (by_config["dense"]["test_acc"] - r["test_acc"])
-    env = environment(args.threads)
-    payload = {
-        "benchmark": "pruning_accuracy",
-        "command": command,
-        "environment": env,
-        "settings": settings,
-        "wall_s": wall_s,
-        "results": by_config,
-    }
-    md = _markdown(results, env, command, args, wall_s)
-    json_path, md_path = write_results(args.name, payload, md)
-    print(md)
-    print(f"wrote {json_path} and {md_path}")
+    payload = {"wall_s": wall_s, "results": by_config}
+    run.finish(payload, "Pruning: Fashion-MNIST test accuracy (reference CNN)", _markdown(results, args, wall_s))
 
 
-def _markdown(results: list[dict[str, Any]], env: dict[str, Any], command: str, args: Any, wall_s: float) -> str:
+def _markdown(results: list[dict[str, Any]], args: Any, wall_s: float) -> list[str]:
     layer_names = list(results[0]["weight_sparsity"]["layers"])
-    first = results[0]
-    lines = [
-        "# Pruning: Fashion-MNIST test accuracy (reference CNN)",
-        "",
-        env_markdown(env, command).rstrip(),
-        f"- {args.epochs} epochs x {first['steps_per_epoch']} steps (batch 128, Adam 1e-3), seed {args.seed}, "
-        f"{'all 10k test images' if args.limit_test_batches == 1.0 else f'{args.limit_test_batches:g} test batches'}"
-        f"{'' if args.limit_train is None else f', training set cut to {args.limit_train}'}; "
-        f"wall time {wall_s / 60:.1f} min with --jobs {args.jobs}",
-        "",
-        "| configuration | test acc % | drop vs dense (points) | weight sparsity (all pruned layers) | "
-        + " | ".join(f"{n} sparsity" for n in layer_names)
-        + " | fit min | schedule |",
-        "|---|---|---|---|" + "---|" * len(layer_names) + "---|---|",
-    ]
+    rows = []
     for r in results:
         drop = r.get("drop_vs_dense_points")
         layers = r["weight_sparsity"]["layers"]
         sched = r.get("schedule")
-        sched_text = ", ".join(f"{k}={_fmt(v)}" for k, v in sched.items()) if sched else "-"
-        lines.append(
-            f"| {r['config']} | {100 * r['test_acc']:.2f} | {'-' if drop is None else f'{drop:+.2f}'} "
-            f"| {r['weight_sparsity']['overall']:.4f} | "
-            + " | ".join(f"{layers[n]['sparsity']:.3f}" for n in layer_names)
-            + f" | {r['fit_s'] / 60:.1f} | {sched_text} |"
-        )
-    lines += ["", "A positive drop means lower accuracy than dense."]
-    return "\n".join(lines) + "\n"
+        rows.append([
+            r["config"], f"{100 * r['test_acc']:.2f}", "-" if drop is None else f"{drop:+.2f}",
+            f"{r['weight_sparsity']['overall']:.4f}", *(f"{layers[n]['sparsity']:.3f}" for n in layer_names),
+            f"{r['fit_s'] / 60:.1f}", ", ".join(f"{k}={_fmt(v)}" for k, v in sched.items()) if sched else "-",
+        ])  # fmt: skip
+    tested = "all 10k test images" if args.limit_test_batches == 1.0 else f"{args.limit_test_batches:g} test batches"
+    header = ["configuration", "test acc %", "drop vs dense (points)", "weight sparsity (all pruned layers)",
+              *(f"{n} sparsity" for n in layer_names), "fit min", "schedule"]  # fmt: skip
+    return [
+        f"- {args.epochs} epochs x {results[0]['steps_per_epoch']} steps (batch 128, Adam 1e-3), seed {args.seed}, "
+        f"{tested}{'' if args.limit_train is None else f', training set cut to {args.limit_train}'}; "
+        f"wall time {wall_s / 60:.1f} min with --jobs {args.jobs}",
+        "",
+        *table(header, rows),
+        "",
+        "A positive drop means lower accuracy than dense.",
+    ]
 
 
 def _fmt(value: Any) -> str:

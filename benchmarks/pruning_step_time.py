@@ -57,17 +57,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelPruning
-from pytorch_lightning.loggers import CSVLogger
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import QUIET, command_line, env_markdown, environment, set_threads, spread, weight_sparsity, write_results  # noqa: E402
+from _common import QUIET, Benchmark, fmt_spread, spread, table  # noqa: E402
+from _timing import rotated  # noqa: E402
+from _training import model_pruning, reference_cnn, weight_sparsity  # noqa: E402
 
 from lightning_compress import CompressionMonitor, GradualPruning  # noqa: E402
+from lightning_compress._lightning import pl  # noqa: E402
 from lightning_compress.data import FashionMNISTDataModule  # noqa: E402
-from lightning_compress.models import ImageClassifier  # noqa: E402
 
 CONFIGS = ("none", "gradual", "modelpruning", "csv", "monitor")
 LABELS = {
@@ -79,6 +76,19 @@ LABELS = {
 }
 #: What each configuration's ratio is taken against: the monitor against the same logger without it.
 BASELINE = {"gradual": "none", "modelpruning": "none", "monitor": "csv"}
+BENCHMARK = Benchmark(
+    "pruning_step_time",
+    __doc__,
+    shared={"configs": ",".join(CONFIGS), "rounds": 10, "threads": 1},
+    options={
+        "drop": (10, "extra warm-up steps dropped at the start of epoch 1"),
+        "steps_per_epoch": (50, "limit_train_batches (S)"),
+        "measured_epochs": (2, "epochs after the warm-up epoch (M)"),
+        "ramp": (40, "GradualPruning end_step - start_step (multiple of 10)"),
+    },
+    smoke={"rounds": 1, "steps_per_epoch": 10, "measured_epochs": 2, "drop": 2, "ramp": 10},
+    choices={"configs": CONFIGS},
+)
 
 
 class Turns:
@@ -149,27 +159,14 @@ class StepTimer(pl.Callback):
             self.turns.wait(self.index)
 
 
-def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-def _pruning_callback(config: str, model: nn.Module, args: argparse.Namespace) -> list[pl.Callback]:
+def _pruning_callback(config: str, model: pl.LightningModule, args: argparse.Namespace) -> list[pl.Callback]:
     start = args.steps_per_epoch + args.drop
     if config == "gradual":
         return [GradualPruning(0.9, start_step=start, end_step=start + args.ramp, update_every=10, schedule="cubic")]
     if config == "monitor":
         return [CompressionMonitor(log_every_n_steps=1)]
-    if config == "modelpruning":
-        return [
-            ModelPruning(
-                "l1_unstructured",
-                parameters_to_prune=_weights(model),
-                amount=0.9,
-                use_global_unstructured=True,
-                apply_pruning=lambda epoch: epoch == 0,
-                use_lottery_ticket_hypothesis=False,
-            )
-        ]
+    if config == "modelpruning":  # prunes once, at the end of the warm-up epoch 0
+        return [model_pruning(model, 0.9, apply_pruning=lambda epoch: epoch == 0)]
     return []
 
 
@@ -181,11 +178,10 @@ def run_round(
     turns = Turns(order)
     models, trainers, timers = [], [], []
     for i, config in enumerate(configs):
-        pl.seed_everything(0, verbose=False)
-        model = ImageClassifier(image_size=28)
+        model = reference_cnn(0)
         timer = StepTimer(turns, i, last_step)
         callbacks = [*_pruning_callback(config, model, args), timer]  # timer last: runs after the pruning callback
-        logger = CSVLogger(tempfile.mkdtemp(prefix="bench-csv-")) if config in ("csv", "monitor") else False
+        logger = pl.loggers.CSVLogger(tempfile.mkdtemp(prefix="bench-csv-")) if config in ("csv", "monitor") else False
         trainers.append(
             pl.Trainer(
                 max_epochs=1 + args.measured_epochs,
@@ -231,114 +227,68 @@ def run_round(
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each runs every config once)")
-    parser.add_argument("--steps-per-epoch", type=int, default=50, help="limit_train_batches (S)")
-    parser.add_argument("--measured-epochs", type=int, default=2, help="epochs after the warm-up epoch (M)")
-    parser.add_argument("--drop", type=int, default=10, help="extra warm-up steps dropped at the start of epoch 1")
-    parser.add_argument("--ramp", type=int, default=40, help="GradualPruning end_step - start_step (multiple of 10)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--name", default="pruning_step_time", help="results file stem under benchmarks/results/")
-    args = parser.parse_args()
-    configs = [c for c in args.configs.split(",") if c]
-    if unknown := set(configs) - set(CONFIGS):
-        parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
+def main(argv: list[str] | None = None) -> None:
+    run = BENCHMARK.start(argv)
+    args, configs = run.args, run.items("configs")
     if args.ramp % 10 or args.drop + args.ramp >= args.measured_epochs * args.steps_per_epoch:
-        parser.error("--ramp must be a multiple of 10 and end inside the measured window")
-    set_threads(args.threads)
-    command = command_line()
-
+        run.error("--ramp must be a multiple of 10 and end inside the measured window")
     data = [FashionMNISTDataModule(batch_size=128) for _ in configs]  # one per Trainer (a DataModule holds its trainer)
     data[0].setup("fit")
     for d in data[1:]:  # loaded once, shared
         d.train_set, d.val_set = data[0].train_set, data[0].val_set
     rounds: list[dict[str, dict[str, Any]]] = []
-    indices = list(range(len(configs)))
     for r in range(args.rounds):
-        order = indices[r % len(configs) :] + indices[: r % len(configs)]
+        order = rotated(list(range(len(configs))), r)
         result = run_round(configs, order, data, args)
-        print(
-            f"round {r} (first: {configs[order[0]]}): "
-            + ", ".join(f"{c} {result[c]['median_ms']:.2f} ms" for c in configs),
-            flush=True,
-        )
+        medians = ", ".join(f"{c} {result[c]['median_ms']:.2f} ms" for c in configs)
+        print(f"round {r} (first: {configs[order[0]]}): {medians}", flush=True)
         rounds.append(result)
+    summary = {config: _summary(config, configs, rounds) for config in configs}
+    title = "Pruning: training-step time (reference CNN, Fashion-MNIST, batch 128)"
+    run.finish({"summary": summary, "rounds": rounds}, title, _markdown(summary, configs, args))
 
-    summary: dict[str, Any] = {}
-    for config in configs:
-        medians = [rd[config]["median_ms"] for rd in rounds]
-        means = [rd[config]["mean_ms"] for rd in rounds]
-        summary[config] = {
-            "median_of_medians_ms": spread(medians),
-            "mean_step_ms": spread(means),
-            "cpu_median_of_medians_ms": spread([rd[config]["cpu_median_ms"] for rd in rounds]),
-            "final_weight_sparsity": rounds[-1][config]["final_weight_sparsity"],
-        }
-        base = BASELINE.get(config)
-        if base in configs:
-            summary[config]["baseline"] = base
-            summary[config]["ratio_vs_baseline_median"] = spread(
-                [rd[config]["median_ms"] / rd[base]["median_ms"] for rd in rounds]
-            )
-            summary[config]["ratio_vs_baseline_cpu_median"] = spread(
-                [rd[config]["cpu_median_ms"] / rd[base]["cpu_median_ms"] for rd in rounds]
-            )
-            summary[config]["ratio_vs_baseline_mean"] = spread(
-                [rd[config]["mean_ms"] / rd[base]["mean_ms"] for rd in rounds]
-            )
-        if config == "gradual":
-            upd = [t for rd in rounds for t in rd[config]["mask_update_steps_ms"]]
-            summary[config]["mask_update_step_ms"] = spread(upd) if upd else None
 
-    env = environment(args.threads)
-    payload = {
-        "benchmark": "pruning_step_time",
-        "command": command,
-        "environment": env,
-        "settings": vars(args),
-        "summary": summary,
-        "rounds": rounds,
+def _summary(config: str, configs: list[str], rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One configuration over the rounds: its step times, and its ratios to its baseline within each round."""
+    summary: dict[str, Any] = {
+        "median_of_medians_ms": spread([rd[config]["median_ms"] for rd in rounds]),
+        "mean_step_ms": spread([rd[config]["mean_ms"] for rd in rounds]),
+        "cpu_median_of_medians_ms": spread([rd[config]["cpu_median_ms"] for rd in rounds]),
+        "final_weight_sparsity": rounds[-1][config]["final_weight_sparsity"],
     }
-    md = _markdown(summary, configs, env, command, args)
-    json_path, md_path = write_results(args.name, payload, md)
-    print(md)
-    print(f"wrote {json_path} and {md_path}")
+    base = BASELINE.get(config)
+    if base in configs:
+        summary["baseline"] = base
+        for key, figure in (("median", "median_ms"), ("cpu_median", "cpu_median_ms"), ("mean", "mean_ms")):
+            summary[f"ratio_vs_baseline_{key}"] = spread([rd[config][figure] / rd[base][figure] for rd in rounds])
+    if config == "gradual":
+        updates = [t for rd in rounds for t in rd[config]["mask_update_steps_ms"]]
+        summary["mask_update_step_ms"] = spread(updates) if updates else None
+    return summary
 
 
-def _markdown(summary: dict[str, Any], configs: list[str], env: dict[str, Any], command: str, args: Any) -> str:
+def _markdown(summary: dict[str, Any], configs: list[str], args: Any) -> list[str]:
     n = summary[configs[0]]["median_of_medians_ms"]["n"]
     steps = args.measured_epochs * args.steps_per_epoch - args.drop
+    rows = []
+    for config in configs:
+        s = summary[config]
+        vs = f"x vs {LABELS[s['baseline']][:3]}" if "baseline" in s else ""
+        ratio = {key: fmt_spread(s[f"ratio_vs_baseline_{key}"], 3, vs) if vs else "1 (reference)"
+                 for key in ("median", "mean", "cpu_median")}  # fmt: skip
+        rows.append([LABELS[config], fmt_spread(s["median_of_medians_ms"]), fmt_spread(s["mean_step_ms"]),
+                     ratio["median"], ratio["mean"], f"{s['cpu_median_of_medians_ms']['median']:.2f}",
+                     ratio["cpu_median"], f"{s['final_weight_sparsity']:.3f}"])  # fmt: skip
+    header = ["configuration", "step ms: median of per-round medians [min-max]", "mean step ms [min-max]",
+              "ratio vs its baseline, per-round medians: median [min-max]",
+              "ratio vs its baseline, means: median [min-max]", "CPU ms (thread_time): median of medians",
+              "CPU ratio vs its baseline: median [min-max]", "final weight sparsity"]  # fmt: skip
     lines = [
-        "# Pruning: training-step time (reference CNN, Fashion-MNIST, batch 128)",
-        "",
-        env_markdown(env, command).rstrip(),
         f"- {n} interleaved rounds (order rotated each round); per run {steps} measured steps after "
         f"{args.steps_per_epoch + args.drop} warm-up steps; see the script's header for exactly what is timed.",
         "",
-        "| configuration | step ms: median of per-round medians [min-max] | mean step ms [min-max] "
-        "| ratio vs its baseline, per-round medians: median [min-max] | ratio vs its baseline, means: median [min-max] "
-        "| CPU ms (thread_time): median of medians | CPU ratio vs its baseline: median [min-max] "
-        "| final weight sparsity |",
-        "|---|---|---|---|---|---|---|---|",
+        *table(header, rows),
     ]
-    for config in configs:
-        s = summary[config]
-        m, mean = s["median_of_medians_ms"], s["mean_step_ms"]
-        ratio = s.get("ratio_vs_baseline_median")
-        ratio_mean = s.get("ratio_vs_baseline_mean")
-        ratio_cpu = s.get("ratio_vs_baseline_cpu_median")
-        cpu = s["cpu_median_of_medians_ms"]
-        against = f" vs {LABELS[s['baseline']][:3]}" if ratio else ""
-        fmt = (lambda r, a=against: f"{r['median']:.3f}x{a} [{r['min']:.3f}-{r['max']:.3f}]") if ratio else None
-        lines.append(
-            f"| {LABELS[config]} | {m['median']:.2f} [{m['min']:.2f}-{m['max']:.2f}] "
-            f"| {mean['median']:.2f} [{mean['min']:.2f}-{mean['max']:.2f}] "
-            f"| {fmt(ratio) if ratio else '1 (reference)'} | {fmt(ratio_mean) if ratio_mean else '1 (reference)'} "
-            f"| {cpu['median']:.2f} | {fmt(ratio_cpu) if ratio_cpu else '1 (reference)'} "
-            f"| {s['final_weight_sparsity']:.3f} |"
-        )
     upd = summary.get("gradual", {}).get("mask_update_step_ms")
     if upd:
         lines += [
@@ -347,7 +297,7 @@ def _markdown(summary: dict[str, Any], configs: list[str], env: dict[str, Any], 
             f"[{upd['min']:.2f}-{upd['max']:.2f}] over {upd['n']} such steps ({args.ramp // 10} per run, included in "
             "the medians and means above).",
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

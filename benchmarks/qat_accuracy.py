@@ -69,36 +69,24 @@ Step time, two ways:
 
 from __future__ import annotations
 
-import argparse
-import math
-import multiprocessing as mp
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    QUIET,
-    Progress,
-    command_line,
-    detached_copy,
-    env_markdown,
-    environment,
-    evaluate,
-    public,
-    set_threads,
-    spread,
-    write_results,
-)
+import _torchao  # noqa: E402
+from _common import Benchmark, in_processes, quiet_process, spread, table_row  # noqa: E402
+from _timing import interleaved_steps, rotated  # noqa: E402
+from _training import detached_copy, evaluate, fashion_mnist, fit, minilm, public, reference_cnn, rotten_tomatoes  # noqa: E402
 
 from lightning_compress import QuantizationAwareTraining  # noqa: E402
+from lightning_compress._lightning import pl  # noqa: E402
 
 CNN_CONFIGS = ("cnn_fp32", "cnn_qat")
 MINILM_CONFIGS = ("minilm_fp32", "minilm_qat", "minilm_qat_late", "minilm_torchao")
@@ -112,37 +100,17 @@ SCHEDULES = {
     "minilm_qat": (0.10, 0.80),
     "minilm_qat_late": (0.50, 0.80),
 }
-
-
-class StepTimer:
-    """Wall time of each optimizer step: ``on_train_batch_start`` of the first callback to ``on_train_batch_end`` of
-    the last one, so forward, backward, optimizer step and every other callback's batch hooks are inside it."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-        timer = self
-
-        class _Begin(pl.Callback):
-            def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-                timer._t0 = time.perf_counter()
-
-        class _End(pl.Callback):
-            def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-                timer.times.append(time.perf_counter() - timer._t0)
-
-        self.begin, self.end = _Begin(), _End()
-
-    def wrap(self, callbacks: list[pl.Callback]) -> list[pl.Callback]:
-        return [self.begin, *callbacks, self.end]
-
-    def summary(self, skip: int) -> dict[str, Any]:
-        kept = [1000 * t for t in self.times[skip:]] or [1000 * t for t in self.times]
-        quartiles = statistics.quantiles(kept, n=4) if len(kept) > 1 else [kept[0]] * 3
-        return {
-            "skipped_first": skip,
-            "ms": {**spread(kept), "mean": statistics.fmean(kept), "q1": quartiles[0], "q3": quartiles[2]},
-        }
+BENCHMARK = Benchmark(
+    "qat_accuracy",
+    __doc__,
+    # --epochs and --limit-train are the CNN's (Fashion-MNIST), --steps MiniLM's (batch 32); --limit-test both
+    shared={"configs": ",".join(CONFIGS[:2] + ("minilm_fp32", "minilm_qat", "minilm_torchao")), "epochs": 4,
+            "steps": 150, "seed": 0, "jobs": 1, "threads": 1, "limit_train": None, "limit_test": None},
+    options={"timing_rounds": (30, "rounds of minilm_steptime (3 steps each)")},
+    smoke={"configs": "cnn_fp32,cnn_qat,minilm_fp32,minilm_qat", "epochs": 1, "steps": 4, "limit_train": 512,
+           "limit_test": 64, "timing_rounds": 2},
+    choices={"configs": CONFIGS},
+)  # fmt: skip
 
 
 def agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -157,112 +125,71 @@ def qat_callback(config: str, total: int) -> tuple[QuantizationAwareTraining, di
     return QuantizationAwareTraining(**schedule), schedule
 
 
-def fit(
-    config: str, model: pl.LightningModule, data: Any, callbacks: list[pl.Callback], every: int, **trainer_args: Any
-) -> tuple[float, StepTimer]:
-    timer = StepTimer()
-    trainer = pl.Trainer(callbacks=timer.wrap([*callbacks, Progress(config, every)]), **trainer_args, **QUIET)
-    t0 = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    return time.perf_counter() - t0, timer
+def int8_result(int8: nn.Module, loader: Any, trained: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    """The int8 model's test accuracy, and on how many examples it predicts what the trained model predicts."""
+    evaluation = evaluate(int8, loader, limit)
+    return {**public(evaluation), "agreement_with_qat": agreement(evaluation, trained)}
 
 
 # ----------------------------------------------------------------------------------------------- Fashion-MNIST CNN
 def run_cnn(config: str, args: dict[str, Any]) -> list[dict[str, Any]]:
-    from lightning_compress.data import FashionMNISTDataModule
-    from lightning_compress.models import ImageClassifier
-
-    set_threads(args["threads"])
-    data = FashionMNISTDataModule(batch_size=128, seed=args["seed"], limit_train=args["limit_train"])
-    data.setup("fit")
-    data.setup("test")
-    steps_per_epoch = math.ceil(len(data.train_set) / 128)
+    quiet_process(args["threads"])
+    data, steps_per_epoch = fashion_mnist(args["seed"], args["limit_train"])
     total = args["epochs"] * steps_per_epoch
-    pl.seed_everything(args["seed"], verbose=False)
-    model = ImageClassifier(image_size=28)
+    model = reference_cnn(args["seed"])
     callbacks: list[pl.Callback] = []
     result: dict[str, Any] = {"config": config, "model": "cnn", "steps": total, "steps_per_epoch": steps_per_epoch}
     if config == "cnn_qat":
         qat, result["schedule"] = qat_callback(config, total)
         callbacks.append(qat)
     fit_s, timer = fit(config, model, data, callbacks, every=steps_per_epoch, max_epochs=args["epochs"])
-    result.update(fit_s=fit_s, step_time=timer.summary(skip=min(20, total // 5)))
+    skip = min(20, total // 5)
+    result.update(fit_s=fit_s, step_time={"skipped_first": skip, "ms": timer.summary(skip)})
     loader = data.test_dataloader()
     trained = evaluate(model, loader, args["limit_test"])
     result["test"] = public(trained)
     if config == "cnn_qat":
-        int8 = evaluate(qat.int8_model, loader, args["limit_test"])
-        result["int8_test"] = {**public(int8), "agreement_with_qat": agreement(int8, trained)}
+        result["int8_test"] = int8_result(qat.int8_model, loader, trained, args["limit_test"])
     _report(result)
     return [result]
 
 
 # ------------------------------------------------------------------------------------- Rotten Tomatoes, MiniLM
-def torchao_base_config() -> Any:
-    """torchao's PTQ config whose QAT prepare gives int8 symmetric per-channel weights and int8 asymmetric per-token
-    (dynamic) activations on every nn.Linear; its convert gives the matching int8 model."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
-    from torchao.quantization.granularity import PerAxis
-
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-
-
 def run_minilm(configs: list[str], args: dict[str, Any]) -> list[dict[str, Any]]:
     """All MiniLM configurations in one process, one after another, on the same data order and seed, so their step
     times are comparable (same process, same batches)."""
-    from lightning_compress.data import RottenTomatoesDataModule
-    from lightning_compress.models import MiniLMClassifier
-
-    set_threads(args["threads"])
-    data = RottenTomatoesDataModule(batch_size=32, seed=args["seed"])
-    data.setup("fit")
+    quiet_process(args["threads"])
+    data = rotten_tomatoes(args["seed"])
     loader = data.test_dataloader()
-    total = args["steps"]
+    total, limit = args["steps"], args["limit_test"]
     results = []
     for config in configs:
-        pl.seed_everything(args["seed"], verbose=False)
-        model = MiniLMClassifier()
+        model = minilm(args["seed"])
         callbacks: list[pl.Callback] = []
         result: dict[str, Any] = {"config": config, "model": "minilm", "steps": total}
         if config in SCHEDULES:
             qat, result["schedule"] = qat_callback(config, total)
             callbacks.append(qat)
         elif config == "minilm_torchao":
-            from torchao.quantization import quantize_
-            from torchao.quantization.qat import QATConfig
-
-            quantize_(model, QATConfig(torchao_base_config(), step="prepare"))
-            result["schedule"] = {
-                "torchao": "QATConfig(Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))), prepare at step 0",
-                "weights": "int8 symmetric per channel",
-                "activations": "int8 asymmetric per token, dynamic",
-            }
-        # `from_pretrained` hands the encoder back in eval mode and Lightning 2.x keeps submodules' modes, which
-        # would fine-tune with the encoder's dropout off: train every module, as a fine-tune normally does.
-        model.train()
+            _torchao.qat_prepare(model).train()
+            result["schedule"] = _torchao.QAT_SCHEDULE
         pl.seed_everything(args["seed"], verbose=False)  # same dropout masks in every configuration
         fit_s, timer = fit(config, model, data, callbacks, every=25, max_steps=total)
-        result.update(fit_s=fit_s, step_time=timer.summary(skip=min(10, total // 5)))
-        trained = evaluate(model, loader, args["limit_test"])
+        skip = min(10, total // 5)
+        result.update(fit_s=fit_s, step_time={"skipped_first": skip, "ms": timer.summary(skip)})
+        trained = evaluate(model, loader, limit)
         result["test"] = public(trained)
         if config in SCHEDULES:
-            int8 = evaluate(qat.int8_model, loader, args["limit_test"])
-            result["int8_test"] = {**public(int8), "agreement_with_qat": agreement(int8, trained)}
+            result["int8_test"] = int8_result(qat.int8_model, loader, trained, limit)
         elif config == "minilm_torchao":
-            from torchao.quantization import quantize_
-            from torchao.quantization.qat import QATConfig
-
-            converted = detached_copy(model)
-            quantize_(converted, QATConfig(torchao_base_config(), step="convert"))
-            int8 = evaluate(converted, loader, args["limit_test"])
-            result["int8_test"] = {**public(int8), "agreement_with_qat": agreement(int8, trained)}
+            result["int8_test"] = int8_result(_torchao.qat_convert(detached_copy(model)), loader, trained, limit)
         _report(result)
         results.append(result)
         if config == "minilm_fp32":  # the post-training baseline, from this very fp32 model
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 ptq = torch.ao.quantization.quantize_dynamic(detached_copy(model), {nn.Linear}, dtype=torch.qint8)
-            evaluation = evaluate(ptq, loader, args["limit_test"])
+            evaluation = evaluate(ptq, loader, limit)
             ptq_result = {
                 "config": "minilm_ptq_dynamic",
                 "model": "minilm",
@@ -279,57 +206,44 @@ def run_minilm(configs: list[str], args: dict[str, Any]) -> list[dict[str, Any]]
 def run_steptime(args: dict[str, Any]) -> list[dict[str, Any]]:
     """fp32, our QAT and torchao's QAT MiniLM take training steps strictly in turn on the same batches (the order
     rotated every round), so load changes on the shared machine hit all three alike; per-round ratios vs fp32."""
-    import torch.nn.functional as F
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
-
-    from lightning_compress.data import RottenTomatoesDataModule
-    from lightning_compress.models import MiniLMClassifier
-
-    set_threads(args["threads"])
-    data = RottenTomatoesDataModule(batch_size=32, seed=args["seed"])
-    data.setup("fit")
-    pl.seed_everything(args["seed"], verbose=False)
-    fp32 = MiniLMClassifier().train()
+    quiet_process(args["threads"])
+    data = rotten_tomatoes(args["seed"])
+    fp32 = minilm(args["seed"])
     ours, theirs = detached_copy(fp32), detached_copy(fp32)
-    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8)
-    for layer in qat.prepare(ours).values():
+    for layer in QuantizationAwareTraining(weight_bits=8, activation_bits=8).prepare(ours).values():
         layer.enable_fake_quant(True)  # the state of most QAT steps: fake quantization on, observers updating
-    quantize_(theirs, QATConfig(torchao_base_config(), step="prepare"))
-    models = {"fp32": fp32, "ours": ours, "torchao": theirs}
+    models = {"fp32": fp32, "ours": ours, "torchao": _torchao.qat_prepare(theirs)}
     optimizers = {name: model.configure_optimizers() for name, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    batches = iter(data.train_dataloader())
     names = list(models)
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    batches = iter(data.train_dataloader())
+
+    def step(name: str, batch: Any) -> None:
+        logits, y = models[name].logits_and_targets(batch)
+        F.cross_entropy(logits, y).backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad()
+
     for round_ in range(args["timing_rounds"]):
         batch = next(batches)
-        for name in names[round_ % 3 :] + names[: round_ % 3]:
-            model, optimizer = models[name], optimizers[name]
-            t0 = time.perf_counter()
-            logits, y = model.logits_and_targets(batch)
-            F.cross_entropy(logits, y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            times[name].append(time.perf_counter() - t0)
+        for name, times in interleaved_steps(lambda n, b=batch: step(n, b), rotated(names, round_), 1).items():
+            ms[name] += times
         if round_ % 10 == 9:
             print(f"[minilm_steptime] round {round_ + 1}", flush=True)
     skip = min(3, args["timing_rounds"] // 5)
     result: dict[str, Any] = {"config": "minilm_steptime", "model": "minilm", "rounds": args["timing_rounds"]}
     result["skipped_first_rounds"] = skip
+    fp32_ms = ms["fp32"][skip:]
     for name in names:
-        ms = [1000 * t for t in times[name][skip:]]
-        ratios = [a / b for a, b in zip(times[name][skip:], times["fp32"][skip:], strict=True)]
-        result[name] = {"ms": {**spread(ms), "mean": statistics.fmean(ms)}, "ratio_per_round": spread(ratios)}
-        result[name]["ratio_of_means"] = statistics.fmean(ms) / statistics.fmean(
-            [1000 * t for t in times["fp32"][skip:]]
-        )
-    print(
-        "[minilm_steptime] "
-        + ", ".join(
-            f"{n} {result[n]['ms']['median']:.0f} ms ({result[n]['ratio_per_round']['median']:.3f}x)" for n in names
-        ),
-        flush=True,
-    )
+        kept = ms[name][skip:]
+        result[name] = {
+            "ms": {**spread(kept), "mean": statistics.fmean(kept)},
+            "ratio_per_round": spread([a / b for a, b in zip(kept, fp32_ms, strict=True)]),
+            "ratio_of_means": statistics.fmean(kept) / statistics.fmean(fp32_ms),
+        }
+    summary = ", ".join(f"{n} {result[n]['ms']['median']:.0f} ms ({result[n]['ratio_per_round']['median']:.3f}x)"
+                        for n in names)  # fmt: skip
+    print(f"[minilm_steptime] {summary}", flush=True)
     return [result]
 
 
@@ -345,7 +259,6 @@ def _report(r: dict[str, Any]) -> None:
 
 
 def run_group(kind: str, configs: list[str], args: dict[str, Any]) -> list[dict[str, Any]]:
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     if kind == "steptime":
         results = run_steptime(args)
     else:
@@ -355,53 +268,29 @@ def run_group(kind: str, configs: list[str], args: dict[str, Any]) -> list[dict[
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default=",".join(CONFIGS[:2] + ("minilm_fp32", "minilm_qat", "minilm_torchao")))
-    parser.add_argument("--epochs", type=int, default=4, help="Fashion-MNIST epochs")
-    parser.add_argument("--steps", type=int, default=150, help="MiniLM fine-tuning steps (batch 32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1, help="processes at once (each CNN config / all MiniLM configs)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--limit-train", type=int, default=None, help="cut the Fashion-MNIST training set (smoke)")
-    parser.add_argument("--limit-test", type=int, default=None, help="test on the first N test examples (smoke)")
-    parser.add_argument("--timing-rounds", type=int, default=30, help="rounds of minilm_steptime (3 steps each)")
-    parser.add_argument("--name", default="qat_accuracy", help="results file stem under benchmarks/results/")
-    args = parser.parse_args()
-    configs = [c for c in args.configs.split(",") if c]
-    if unknown := set(configs) - set(CONFIGS):
-        parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
-    set_threads(args.threads)
-    command = command_line()
-    settings = vars(args)
-    minilm = [c for c in configs if c in MINILM_CONFIGS and c not in SEPARATE]
-    groups = ([("minilm", minilm)] if minilm else []) + [("cnn", [c]) for c in configs if c in CNN_CONFIGS]
+def main(argv: list[str] | None = None) -> None:
+    run = BENCHMARK.start(argv)
+    args, configs = run.args, run.items("configs")
+    minilm_configs = [c for c in configs if c in MINILM_CONFIGS and c not in SEPARATE]
+    groups = ([("minilm", minilm_configs)] if minilm_configs else []) + [
+        ("cnn", [c]) for c in configs if c in CNN_CONFIGS
+    ]
     groups += [("minilm", [c]) for c in configs if c in SEPARATE]
     groups += [("steptime", [c]) for c in configs if c in TIMING_CONFIGS]
-    t0 = time.perf_counter()
-    if args.jobs > 1:
-        with mp.get_context("spawn").Pool(min(args.jobs, len(groups))) as pool:
-            grouped = pool.starmap(run_group, [(kind, cs, settings) for kind, cs in groups])
-    else:
-        grouped = [run_group(kind, cs, settings) for kind, cs in groups]
-    wall_s = time.perf_counter() - t0
+    grouped = in_processes(run_group, [(kind, cs, run.settings) for kind, cs in groups], args.jobs)
+    wall_s = run.wall_s()
     results = [r for group in grouped for r in group]
     order = {c: i for i, c in enumerate(CONFIGS[:3] + ("minilm_ptq_dynamic",) + CONFIGS[3:])}
     results.sort(key=lambda r: order[r["config"]])
     _compare(results)
-    env = environment(args.threads)
-    payload = {
-        "benchmark": "qat_accuracy",
-        "command": command,
-        "environment": env,
-        "settings": settings,
-        "wall_s": wall_s,
-        "results": {r["config"]: r for r in results},
-    }
-    md = _markdown(results, env, command, args, wall_s)
-    json_path, md_path = write_results(args.name, payload, md)
-    print(md)
-    print(f"wrote {json_path} and {md_path}")
+    payload = {"wall_s": wall_s, "results": {r["config"]: r for r in results}}
+    title = "Int8 QAT: test accuracy of fp32, QAT (fake quant) and the converted int8 model"
+    timing = [r for r in results if r["config"] in TIMING_CONFIGS]
+    accuracy = [r for r in results if r["config"] not in TIMING_CONFIGS]
+    lines = (_accuracy_table(accuracy, args, wall_s) if accuracy else []) + [
+        line for r in timing for line in _timing_table(r)
+    ]
+    run.finish(payload, title, lines)
 
 
 def _compare(results: list[dict[str, Any]]) -> None:
@@ -419,21 +308,6 @@ def _compare(results: list[dict[str, Any]]) -> None:
             r["step_time"]["same_process_as_fp32"] = r["process"] == base["process"]
             r["step_time"]["ratio_of_medians_vs_fp32"] = mine["median"] / theirs["median"]
             r["step_time"]["ratio_of_means_vs_fp32"] = mine["mean"] / theirs["mean"]
-
-
-def _markdown(results: list[dict[str, Any]], env: dict[str, Any], command: str, args: Any, wall_s: float) -> str:
-    timing = [r for r in results if r["config"] in TIMING_CONFIGS]
-    results = [r for r in results if r["config"] not in TIMING_CONFIGS]
-    lines = [
-        "# Int8 QAT: test accuracy of fp32, QAT (fake quant) and the converted int8 model",
-        "",
-        env_markdown(env, command).rstrip(),
-    ]
-    if results:
-        lines += _accuracy_table(results, args, wall_s)
-    for r in timing:
-        lines += _timing_table(r)
-    return "\n".join(lines) + "\n"
 
 
 def _timing_table(r: dict[str, Any]) -> list[str]:
@@ -496,7 +370,7 @@ def _accuracy_table(results: list[dict[str, Any]], args: Any, wall_s: float) -> 
             "-" if st is None else f"{r['fit_s'] / 60:.1f}",
             ", ".join(f"{k}={v}" for k, v in sched.items()) if sched else "-",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     lines += [
         "",
         "Int8 vs fp32 is the int8 model's accuracy minus the same model's fp32 run (negative = lower). For the fp32"
