@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 
 from lightning_compress._lightning import LightningDataModule, LightningModule, submodule
 from lightning_compress.recipes import RecipeError, validate_recipe_file
+from lightning_compress.teardown import destroy_process_groups
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 USAGE = """usage: lightning-compress {demo,fit,validate,test,predict} ...
@@ -48,6 +49,7 @@ def run_lightning_cli(argv: list[str] | None) -> None:
         args=argv,
         auto_configure_optimizers=False,
     )
+    destroy_process_groups()  # the run finished: its gloo threads are joined now, not torn down at exit (teardown.py)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

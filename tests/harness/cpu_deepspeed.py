@@ -3,11 +3,14 @@
 Lightning refuses DeepSpeed without CUDA (``setup_environment``) and validates CUDA device indices
 (``setup_distributed``). DeepSpeed itself trains ZeRO 0-3 on CPU with gloo, so this subclass removes exactly those
 two refusals and gives each process an indexed CPU device. Everything else - the engine, ZeRO partitioning,
-checkpoints - is DeepSpeed's and Lightning's own code.
+checkpoints - is DeepSpeed's and Lightning's own code. ``release`` frees what DeepSpeed keeps of a finished fit, so
+that its gloo process groups can really be destroyed before the interpreter exits (``lightning_compress.teardown``).
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import sys
 from typing import Any
 
@@ -63,3 +66,26 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     @property
     def root_device(self) -> torch.device:
         return torch.device("cpu", self.local_rank)
+
+    def release(self) -> None:
+        """Free what DeepSpeed keeps of the finished fit, so that only the trainer and the model hold its process
+        groups (and the groups go with them).
+
+        DeepSpeed's own ``engine.destroy()`` removes the engine's hooks. Two module-level references outlive it, each
+        keeping the model, its parameters' ``ds_process_group`` and so the gloo backends and their threads alive until
+        the interpreter finalizes, where a thread still releasing a collective's tensors aborts the process: ZeRO-3
+        pushes the root module on ``parameter_offload.FWD_MODULE_STACK`` at engine setup and never pops it, and
+        DeepSpeed memoizes methods with ``functools.lru_cache``, class-level caches whose keys hold the instances
+        (ZeRO-3's ``PartitionedParameterCoordinator.__params_to_release``, once its trace is complete).
+        ``launch.run_fit`` fails a fit that still leaves a backend's threads at exit, so a new leak shows up there.
+        """
+        engine = self.model
+        if not hasattr(engine, "destroy"):
+            return
+        engine.destroy()
+        offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+        if offload is not None:
+            offload.FWD_MODULE_STACK[:] = [m for m in offload.FWD_MODULE_STACK if m is not engine.module]
+        for memo in gc.get_objects():
+            if isinstance(memo, functools._lru_cache_wrapper) and memo.__module__.startswith("deepspeed."):
+                memo.cache_clear()

@@ -4,23 +4,34 @@ Lightning's launcher starts the other ranks by running this same script again. E
 ``rank{N}.pt`` (the full model state after training, gathered under ZeRO-3, and the global step); rank 0 also
 writes ``initial.pt`` (the weights before the first step).
 
+A finished fit ends its distributed run before the interpreter exits (``lightning_compress.teardown``): the process
+groups are destroyed and their last references collected, so the gloo backends join their worker threads here and
+no thread is left to abort the process during interpreter finalization. Each rank then writes ``exit{N}.json``: the
+native threads still alive and whether a process group still exists.
+
 Usage: python fit_worker.py SPEC.json
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from launch import exit_record
 from mask_watch import MaskWatch
 
 from lightning_compress._lightning import Callback, pl
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.distributed import full_state_dict
 from lightning_compress.models import ImageClassifier
+from lightning_compress.teardown import destroy_process_groups
+
+CHILD_EXIT_TIMEOUT_S = 120  # a rank that finished training ends within seconds
 
 
 class RankSnapshot(Callback):
@@ -47,8 +58,31 @@ def build_strategy(spec: dict[str, Any]) -> Any:
     return spec["strategy"]
 
 
-def main(spec_path: str) -> None:
+def end_distributed_run(trainer: pl.Trainer) -> None:
+    """What a program does once its fit is done: release DeepSpeed's hold on the fit, destroy the process groups."""
+    from cpu_deepspeed import CPUDeepSpeedStrategy
+
+    if isinstance(trainer.strategy, CPUDeepSpeedStrategy):
+        trainer.strategy.release()
+    destroy_process_groups()
+
+
+def main(spec_path: str) -> int:
+    """Rank 0's exit status is the fit's: it waits for the ranks Lightning started and fails when one of them did."""
     spec = json.loads(Path(spec_path).read_text())
+    rank, children = fit(spec)
+    gc.collect()  # the fit's trainer and model, and with them the last references to its process groups
+    (Path(spec["out_dir"]) / f"exit{rank}.json").write_text(json.dumps(exit_record()))
+    codes = [child.wait(timeout=CHILD_EXIT_TIMEOUT_S) for child in children]
+    failed = [f"rank {r} exited with {code}" for r, code in enumerate(codes, start=1) if code != 0]
+    if failed:
+        print(f"fit_worker: {'; '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def fit(spec: dict[str, Any]) -> tuple[int, list[subprocess.Popen]]:
+    """Run the fit of ``spec`` and end its distributed run; returns this process's global rank and the processes of
+    the other ranks when this process started them (Lightning's launcher does so on rank 0)."""
     out_dir = Path(spec["out_dir"])
     pl.seed_everything(spec["seed"], workers=True)
     data = DigitsDataModule(batch_size=spec["batch_size"], seed=spec["seed"])
@@ -97,7 +131,9 @@ def main(spec_path: str) -> None:
     trainer.fit(model, datamodule=data, ckpt_path=spec.get("resume_from"))
     if spec.get("save_checkpoint"):
         trainer.save_checkpoint(out_dir / "final.ckpt")  # every rank: DeepSpeed writes its shards
+    end_distributed_run(trainer)
+    return trainer.global_rank, list(getattr(trainer.strategy.launcher, "procs", []))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main(sys.argv[1]))

@@ -36,12 +36,25 @@ class FitSpec:
     monitor: bool = False  # add a CompressionMonitor logging to a CSVLogger in out_dir/csv
 
 
+#: The OS threads of torch's gloo backend and TCPStore server. Alive at interpreter exit, a gloo worker still releasing
+#: a collective's tensors aborts the process (``lightning_compress.teardown``), so no finished fit may leave one.
+COMMUNICATION_THREADS = frozenset({"pt_gloo_runloop", "gloo_tcp_loop", "pt_tcpstore_uv"})
+
+
+def exit_record() -> dict[str, Any]:
+    """What a worker records just before it exits: the names of its OS threads (Linux) and whether a process group
+    still exists. ``COMMUNICATION_THREADS`` among them means a backend was never freed."""
+    threads = sorted((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+    return {"threads": threads, "process_group": torch.distributed.is_initialized()}
+
+
 @dataclass
 class FitResult:
     spec: FitSpec
     out_dir: Path
     ranks: list[dict[str, Any]]
     initial: dict[str, torch.Tensor]
+    exits: list[dict[str, Any]]  # per rank, just before exit: "threads" (OS thread names), "process_group" (bool)
     log: str = field(repr=False)
 
 
@@ -57,13 +70,20 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
-    """Run ``spec`` in a new process tree; raise with the tail of its log if any rank fails."""
+def worker_command(spec: FitSpec, out_dir: Path) -> list[str]:
+    """The command line of rank 0 of ``spec`` (run it with ``cwd=out_dir`` and ``subprocess_env()``); writes the
+    spec it reads into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "spec.json"
     spec_path.write_text(json.dumps({**asdict(spec), "out_dir": str(out_dir)}))
+    return [sys.executable, str(HARNESS_DIR / "fit_worker.py"), str(spec_path)]
+
+
+def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
+    """Run ``spec`` in a new process tree; raise with the tail of its log if any rank fails, and when a rank reaches
+    its exit with a process group or a communication thread still alive (the cause of aborts after training)."""
     proc = subprocess.run(
-        [sys.executable, str(HARNESS_DIR / "fit_worker.py"), str(spec_path)],
+        worker_command(spec, out_dir),
         env=subprocess_env(),
         cwd=out_dir,
         stdout=subprocess.PIPE,
@@ -74,9 +94,13 @@ def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
     (out_dir / "fit.log").write_text(proc.stdout)
     if proc.returncode != 0:
         raise RuntimeError(f"fit {spec} exited with {proc.returncode}; log tail:\n{proc.stdout[-4000:]}")
+    exits = [json.loads((out_dir / f"exit{r}.json").read_text()) for r in range(spec.devices)]
+    unclean = {r: e for r, e in enumerate(exits) if e["process_group"] or COMMUNICATION_THREADS & set(e["threads"])}
+    if unclean:
+        raise RuntimeError(f"fit {spec} left a process group or its threads alive at exit, by rank: {unclean}")
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(spec.devices)]
     initial = torch.load(out_dir / "initial.pt", weights_only=True)
-    return FitResult(spec=spec, out_dir=out_dir, ranks=ranks, initial=initial, log=proc.stdout)
+    return FitResult(spec=spec, out_dir=out_dir, ranks=ranks, initial=initial, exits=exits, log=proc.stdout)
 
 
 #: The strategies the distributed tests run, as FitSpec arguments (2 CPU processes each).
