@@ -553,7 +553,10 @@ def test_a_recipe_builds_gradual_pruning_by_full_path_and_short_name(tmp_path: P
             r"line 5, `trainer\.callbacks\[0\]\.init_args\.target_sparsity`: GradualPruning "
             r"argument `target_sparsity` expects float \| null, got 'high' \(str\)",
         ),
-        ("target_sparsity: 1.5", r"GradualPruning\(\.\.\.\) raised ValueError: `target_sparsity` must be a number in \[0, 1\)"),
+        (
+            "target_sparsity: 1.5",
+            r"GradualPruning\(\.\.\.\) raised ValueError: `target_sparsity` must be a number in \[0, 1\)",
+        ),
         (
             "schedule: quadratic",
             r"`schedule` expects 'cubic' \| 'linear' \| 'exponential' \| 'constant', got 'quadratic'",

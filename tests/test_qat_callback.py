@@ -148,8 +148,14 @@ def test_learnable_scales_start_from_the_observers_then_learn(quiet_trainer_kwar
         ({"weight_bits": "8"}, r"`weight_bits` must be an integer from 2 to 8; got '8'"),
         ({"activation_bits": 9}, r"`activation_bits` must be an integer from 2 to 8 or None .*got 9"),
         ({"start_step": -1}, r"`start_step` must be an integer >= 0; got -1"),
-        ({"start_step": 10, "freeze_observers_step": 5}, r"`freeze_observers_step` must be an integer step >= `start_step`=10 or None; got 5"),
-        ({"start_step": 10, "freeze_bn_step": 3}, r"`freeze_bn_step` must be an integer step >= `start_step`=10 or None; got 3"),
+        (
+            {"start_step": 10, "freeze_observers_step": 5},
+            r"`freeze_observers_step` must be an integer step >= `start_step`=10 or None; got 5",
+        ),
+        (
+            {"start_step": 10, "freeze_bn_step": 3},
+            r"`freeze_bn_step` must be an integer step >= `start_step`=10 or None; got 3",
+        ),
         ({"include": "net.fc1"}, r"`include` must be a list of regular expressions"),
     ],
 )

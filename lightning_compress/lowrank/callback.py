@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import arguments, distributed, events
+from lightning_compress import arguments, distributed, events, teardown
 from lightning_compress._lightning import Callback, pl, rank_zero_info, uses_deepspeed
 from lightning_compress.lowrank.layers import LowRankConv2d, LowRankLinear, _Factorised
 from lightning_compress.lowrank.ranks import LayerSpectrum, rank_for_energy, rank_for_ratio, ranks_for_budget
@@ -145,6 +145,7 @@ class LowRankRefactoring(Ramped, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.layers:
             return
+        teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
         self.layers, self.target_ranks, self.skipped = self.prepare(pl_module)
         self.full_ranks = {name: layer.rank for name, layer in self.layers.items()}
         for name, reason in self.skipped.items():

@@ -6,7 +6,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from lightning_compress import arguments, events
+from lightning_compress import arguments, events, teardown
 from lightning_compress._lightning import Callback, pl
 from lightning_compress.monitor import wandb_extras
 from lightning_compress.monitor.measure import ModelReport, measure_latency_ms, measure_model, peak_memory_mb
@@ -49,6 +49,7 @@ class CompressionMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
         self.dense = self.report = measure_model(pl_module, self._example(pl_module))
         self._events_seen = len(events.history(trainer))
         self.latency_dense_ms = self._latency(pl_module)

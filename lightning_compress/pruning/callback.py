@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import arguments, distributed, events
+from lightning_compress import arguments, distributed, events, teardown
 from lightning_compress._lightning import Callback, logs_this_step, pl
 from lightning_compress.pruning.patterns import SCOPES, Pattern, Scope, compute_masks
 from lightning_compress.ramp import Ramped, StepRamp
@@ -113,6 +113,7 @@ class GradualPruning(Ramped, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
         modules = self.targeting.select(pl_module)
         self._targets = {}
         for name, module in modules.items():

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import arguments, distributed, events
+from lightning_compress import arguments, distributed, events, teardown
 from lightning_compress._lightning import Callback, pl, rank_zero_info
 from lightning_compress.export import save_compressed
 from lightning_compress.quantization.convert import convert_to_int8
@@ -134,6 +134,7 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.layers:
             return
+        teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
         if self.export_path is not None and self.export_path.exists():
             raise FileExistsError(
                 f"`export_path` {str(self.export_path)!r} already exists; QuantizationAwareTraining will not overwrite"
