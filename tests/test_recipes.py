@@ -206,6 +206,19 @@ def test_aliases_cannot_blow_up_loading(tmp_path: Path) -> None:
 MISSING, DIRECTORY = None, "<a directory>"
 
 BAD_RECIPES = {
+    "tagged-value-that-does-not-fit-its-tag": (  # found by the fuzz test: PyYAML raised AttributeError here
+        """
+        trainer: !!timestamp null
+        """,
+        [r"recipe\.yaml, line 1, `trainer`: the value 'null' cannot be read as `!!timestamp`", "HINT: remove"],
+    ),
+    "tagged-key-that-does-not-fit-its-tag": (
+        """
+        trainer:
+          !!bool maybe: 3
+        """,
+        [r"recipe\.yaml, line 2, `trainer\.<key>`: the value 'maybe' cannot be read as `!!bool` \(KeyError"],
+    ),
     "missing-file": (MISSING, [r"recipe\.yaml: recipe file not found", "HINT: check the path"]),
     "directory": (DIRECTORY, [r"recipe\.yaml: is a directory, not a recipe file"]),
     "yaml-syntax": (

@@ -59,6 +59,8 @@ def _parse(name: str, text: str) -> tuple[Source, Any]:
         if node is None:
             return Source(name, {}), None
         _check_nesting(name, node)
+        if isinstance(node, yaml.ScalarNode):
+            _require_readable_scalar(name, node, ())
         lines, texts = _index_lines(name, loader, node)  # before construction, which rewrites merge keys (<<)
         return Source(name, lines, texts), loader.construct_document(node)
     except RecipeError:
@@ -71,6 +73,9 @@ def _parse(name: str, text: str) -> tuple[Source, Any]:
         raise RecipeError(f"not valid YAML: nested more than {MAX_DEPTH} levels deep", path=name) from err
     except ValueError as err:  # a scalar YAML reads but Python cannot hold, e.g. an int of more than 4,300 digits
         raise RecipeError(f"not valid YAML: {err}", path=name, hint="write a smaller number.") from err
+    except Exception as err:  # noqa: BLE001 - PyYAML's constructors fail with bare Python errors on odd input
+        problem = f"not valid YAML: PyYAML could not build it ({type(err).__name__}: {err})"
+        raise RecipeError(problem, path=name) from err
     finally:
         loader.dispose()
 
@@ -94,6 +99,8 @@ def _index_lines(name: str, loader: yaml.SafeLoader, root: yaml.Node) -> tuple[d
             if isinstance(child, yaml.ScalarNode) and not child.style:
                 texts.setdefault(child_path, child.value)
                 _require_readable_number(name, child, child_path)
+            if isinstance(child, yaml.ScalarNode):
+                _require_readable_scalar(name, child, child_path)
             pending.append((child_path, child))
     return lines, texts
 
@@ -158,6 +165,7 @@ def _children(
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
             continue
+        _require_readable_scalar(name, key_node, path + ("<key>",))
         key = loader.construct_object(key_node)
         line = key_node.start_mark.line + 1
         if key in first_lines:
@@ -185,6 +193,26 @@ def _require_readable_number(name: str, node: yaml.ScalarNode, path: KeyPath) ->
             key=format_key(path),
             hint="write a smaller number.",
         )
+
+
+def _require_readable_scalar(name: str, node: yaml.ScalarNode, path: KeyPath) -> None:
+    """A scalar with an explicit standard tag that its text does not fit (``!!timestamp null``, ``!!bool maybe``,
+    ``!!int x``) makes PyYAML's constructors fail with a bare Python error; refuse it here, with its line."""
+    if node.tag == "tag:yaml.org,2002:str" or node.tag not in yaml.SafeLoader.yaml_constructors:
+        return  # plain strings always read; an unknown tag gets the tag message at construction
+    try:
+        yaml.constructor.SafeConstructor().construct_object(node)
+    except yaml.YAMLError:
+        return  # worded by the loader itself, with its mark
+    except Exception as err:  # noqa: BLE001 - PyYAML raises AttributeError, KeyError, ValueError, ... here
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise RecipeError(
+            f"the value {node.value!r} cannot be read as `{tag}` ({type(err).__name__}: {err})",
+            path=name,
+            line=node.start_mark.line + 1,
+            key=format_key(path),
+            hint=f"remove the `{tag}` tag, or write a value of that type.",
+        ) from err
 
 
 def _yaml_error(name: str, err: yaml.MarkedYAMLError) -> RecipeError:
