@@ -44,14 +44,14 @@ def destroy_process_groups_at_exit() -> None:
     """Have :func:`destroy_process_groups` run at interpreter exit, before finalization (an ``atexit`` hook; calling
     this again keeps one hook). A no-op at exit when the program destroyed its groups itself.
 
-    It is skipped when the program ends on an uncaught exception: destroying a gloo group waits for the collectives
-    its threads are running, and after a failure a peer may never complete them.
+    It runs when the program ends on an uncaught exception too, or a failed run could abort the same way and end on
+    SIGABRT (and a core dump) instead of its own exit status. It waits no longer than exiting without it: a
+    collective still in flight - one a failed peer never joins - holds up the group's destruction until it ends or
+    the peer's process goes, and the interpreter's own teardown of the group waits for it just the same.
     """
-    atexit.unregister(_destroy_unless_failing)
-    atexit.register(_destroy_unless_failing)
+    atexit.unregister(_destroy_at_exit)
+    atexit.register(_destroy_at_exit)
 
 
-def _destroy_unless_failing() -> None:
-    failing = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)  # set for an uncaught exception
-    if failing is None:
-        destroy_process_groups()
+def _destroy_at_exit() -> None:
+    destroy_process_groups()
