@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import arguments, distributed, events, teardown
+from lightning_compress import arguments, composition, distributed, events, teardown
 from lightning_compress._lightning import Callback, pl, rank_zero_info, uses_deepspeed
 from lightning_compress.lowrank.layers import LowRankConv2d, LowRankLinear, _Factorised
 from lightning_compress.lowrank.ranks import LayerSpectrum, rank_for_energy, rank_for_ratio, ranks_for_budget
@@ -23,7 +23,7 @@ from lightning_compress.targeting import Targeting
 FACTORISABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 
-class LowRankRefactoring(Ramped, Callback):
+class LowRankRefactoring(composition.Composable, Ramped, Callback):
     """Refactor the targeted layers into two thin factors and shrink their rank toward a target while training.
 
     At ``setup`` (before the strategy wraps the model) every targeted Linear/Conv2d becomes a full-rank
@@ -141,10 +141,18 @@ class LowRankRefactoring(Ramped, Callback):
 
     # ------------------------------------------------------------------------------------------------ hooks
 
+    composition_rank = 0  # first: the others act on the weights it leaves (lightning_compress.composition)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.layers:
-            return
+        if stage == "fit":
+            composition.prepare_all(trainer, pl_module, self)  # every technique, in one order
+
+    def is_prepared(self, pl_module: pl.LightningModule) -> bool:
+        return bool(self.layers)
+
+    def prepare_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Factorise the targeted layers at full rank (:meth:`prepare`)."""
         teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
         self.layers, self.target_ranks, self.skipped = self.prepare(pl_module)
         self.full_ranks = {name: layer.rank for name, layer in self.layers.items()}
@@ -154,7 +162,7 @@ class LowRankRefactoring(Ramped, Callback):
     def prepare(self, model: nn.Module) -> tuple[dict[str, _Factorised], dict[str, int], dict[str, str]]:
         """Factorise the targeted layers of ``model`` in place (what ``setup`` does). Returns the factorised layers,
         their target ranks and the layers left dense with the reason. Raises when no layer would be smaller."""
-        modules = self.targeting.select(model)
+        modules = self.targeting.select(model, type(self).__name__)
         spectra = {}
         for name, module in modules.items():
             if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):

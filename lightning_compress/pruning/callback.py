@@ -8,16 +8,20 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import arguments, distributed, events, teardown
+from lightning_compress import arguments, composition, distributed, events, teardown
 from lightning_compress._lightning import Callback, logs_this_step, pl
 from lightning_compress.pruning.patterns import SCOPES, Pattern, Scope, compute_masks
 from lightning_compress.ramp import Ramped, StepRamp
 from lightning_compress.schedules import ScheduleName
-from lightning_compress.targeting import Targeting
+from lightning_compress.targeting import Targeting, weight_is_transposed
 
 
-class GradualPruning(Ramped, Callback):
+class GradualPruning(composition.Composable, Ramped, Callback):
     r"""Prune the targeted Linear/Conv weights from 0 to ``target_sparsity`` between ``start_step`` and ``end_step``.
+
+    Targets ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers' ``Conv1D`` (GPT-2; its weight is stored
+    ``(in, out)``, and channels and N:M groups are taken along the same dimensions as for a Linear). Tied weights
+    are left out (see :mod:`lightning_compress.targeting`).
 
     Every ``update_every`` optimizer steps the masks are recomputed from the current weights (magnitude for
     ``unstructured`` and ``N:M``, row L2 norm for ``channel``) at the sparsity the named ``schedule`` gives for
@@ -71,7 +75,7 @@ class GradualPruning(Ramped, Callback):
         scope = self.pattern.scopes[0] if scope is None else arguments.choice("scope", scope, SCOPES)
         self.pattern.check_scope(scope)
         self.scope: Scope = scope
-        self.targeting = Targeting.from_arguments(include, exclude)
+        self.targeting = Targeting.from_arguments(include, exclude, transformers_conv1d=True)
         self.include, self.exclude = include, exclude
         self.rewind_step = rewind_step
         self.log_per_layer = arguments.flag("log_per_layer", log_per_layer)
@@ -82,7 +86,9 @@ class GradualPruning(Ramped, Callback):
         self.last_step = -1
         self.rewind_values: dict[str, torch.Tensor] = {}
         self._targets: dict[str, str] = {}  # weight parameter name -> module name
+        self._transposed: set[str] = set()  # weight names stored (in, out): masks are computed on their transpose
         self._params: dict[str, nn.Parameter] = {}
+        self._prepared_for: nn.Module | None = None
         self._measured: tuple[dict[str, torch.Tensor], float] | None = None  # (masks, their sparsity)
         self._multipliers: tuple[dict[str, torch.Tensor], list[str], list[torch.Tensor]] | None = None
 
@@ -109,15 +115,28 @@ class GradualPruning(Ramped, Callback):
 
     # ------------------------------------------------------------------------------------------------ hooks
 
+    composition_rank = 1  # after low-rank, before QAT: lightning_compress.composition
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit":
+            composition.prepare_all(trainer, pl_module, self)  # every technique, in one order
+
+    def is_prepared(self, pl_module: pl.LightningModule) -> bool:
+        return self._prepared_for is pl_module
+
+    def prepare_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Choose the weights to prune (and check each fits the pattern); nothing is changed before a step."""
         teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
-        modules = self.targeting.select(pl_module)
-        self._targets = {}
+        self._prepared_for = pl_module
+        modules = self.targeting.select(pl_module, type(self).__name__)
+        self._targets, self._transposed = {}, set()
         for name, module in modules.items():
-            self.pattern.check_layer(name, type(module).__name__, distributed.full_shape(module.weight))
+            shape = distributed.full_shape(module.weight)
+            if weight_is_transposed(module):
+                self._transposed.add(f"{name}.weight")
+                shape = torch.Size(shape[::-1])
+            self.pattern.check_layer(name, type(module).__name__, shape)
             self._targets[f"{name}.weight"] = name
 
     @override
@@ -199,7 +218,8 @@ class GradualPruning(Ramped, Callback):
         if sparsity > self.mask_sparsity or not self.masks:
             names = list(self._targets)
             weights = dict(zip(names, distributed.full_values([self._params[n] for n in names]), strict=True))
-            masks = compute_masks(self.pattern, self.scope, sparsity, weights, self.masks)
+            masks = self._out_in(compute_masks(self.pattern, self.scope, sparsity, self._out_in(weights),
+                                               self._out_in(self.masks)))  # fmt: skip
             if self.pattern.prunes_bias:
                 masks.update(self._bias_masks(masks))
             self.masks, self.mask_sparsity = masks, sparsity
@@ -215,9 +235,15 @@ class GradualPruning(Ramped, Callback):
                 on_epoch=False,
             )
 
+    def _out_in(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights (or masks) with the transposed ones turned to ``(out, in)``, the layout patterns work in; and back
+        (a transpose is its own inverse)."""
+        return {name: t.t().contiguous() if name in self._transposed else t for name, t in tensors.items()}
+
     def _bias_masks(self, weight_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rows = self._out_in(weight_masks)
         return {
-            f"{module}.bias": weight_masks[weight].flatten(1).any(dim=1)
+            f"{module}.bias": rows[weight].flatten(1).any(dim=1)
             for weight, module in self._targets.items()
             if f"{module}.bias" in self._params
         }

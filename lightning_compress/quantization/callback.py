@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import arguments, distributed, events, teardown
+from lightning_compress import arguments, composition, distributed, events, teardown
 from lightning_compress._lightning import Callback, pl, rank_zero_info
 from lightning_compress.export import save_compressed
 from lightning_compress.quantization.convert import convert_to_int8
@@ -22,7 +22,7 @@ QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(composition.Composable, Callback):
     """Swap the targeted Linear/Conv1d/Conv2d layers for QAT layers at ``setup`` and fake-quantize them on a schedule.
 
     Before ``start_step`` the layers only observe (calibration warm-up: weight ranges per output channel, input
@@ -130,16 +130,27 @@ class QuantizationAwareTraining(Callback):
         }
         return arguments.settings_key(self, settings)
 
+    composition_rank = 2  # last: quantizes what low-rank and pruning leave (lightning_compress.composition)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.layers:
-            return
-        teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
+        if stage == "fit":
+            composition.prepare_all(trainer, pl_module, self)  # every technique, in one order
+
+    def is_prepared(self, pl_module: pl.LightningModule) -> bool:
+        return bool(self.layers)
+
+    def check_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_path is not None and self.export_path.exists():
             raise FileExistsError(
                 f"`export_path` {str(self.export_path)!r} already exists; QuantizationAwareTraining will not overwrite"
                 " it. HINT: choose a new path or move the file away (checked before training, so nothing was run)."
             )
+
+    def prepare_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Swap the targeted layers for QAT layers (:meth:`prepare`)."""
+        teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
+        self.check_fit(trainer, pl_module)
         self.layers = self.prepare(pl_module)
         self._batch_norms = [m for m in pl_module.modules() if isinstance(m, _BATCH_NORMS)]
 
@@ -149,7 +160,7 @@ class QuantizationAwareTraining(Callback):
         Use it outside a Trainer to calibrate or to rebuild a QAT model before loading a QAT state dict.
         """
         layers = {}
-        for name, module in self.targeting.select(model).items():
+        for name, module in self.targeting.select(model, type(self).__name__).items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             try:
