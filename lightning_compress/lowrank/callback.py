@@ -1,5 +1,5 @@
-"""LowRankRefactoring: factorise Linear/Conv2d layers by SVD at setup, lower their rank on a schedule, truncate at
-fit end so that shapes, FLOPs and latency shrink for real."""
+"""LowRankRefactoring: factorise Linear/Conv2d/Conv1D layers by SVD at setup, lower their rank on a schedule,
+truncate at fit end so that shapes, FLOPs and latency shrink for real."""
 
 from __future__ import annotations
 
@@ -12,22 +12,24 @@ from typing_extensions import override
 
 from lightning_compress import arguments, composition, distributed, events, teardown
 from lightning_compress._lightning import Callback, pl, rank_zero_info, uses_deepspeed
-from lightning_compress.lowrank.layers import LowRankConv2d, LowRankLinear, _Factorised
+from lightning_compress.lowrank.layers import _Factorised, factorise_layer, weight_matrix
 from lightning_compress.lowrank.ranks import LayerSpectrum, rank_for_energy, rank_for_ratio, ranks_for_budget
 from lightning_compress.lowrank.rebase import rebase_layer
 from lightning_compress.lowrank.statistics import Kind, LayerStatistics, sync
+from lightning_compress.lowrank.truncate import truncate_factorised
 from lightning_compress.ramp import Ramped, StepRamp
 from lightning_compress.schedules import ScheduleName
 from lightning_compress.targeting import Targeting
 
-FACTORISABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+FACTORISABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)  # and transformers' Conv1D (see targeting)
 
 
 class LowRankRefactoring(composition.Composable, Ramped, Callback):
     """Refactor the targeted layers into two thin factors and shrink their rank toward a target while training.
 
-    At ``setup`` (before the strategy wraps the model) every targeted Linear/Conv2d becomes a full-rank
-    :class:`LowRankLinear` / :class:`LowRankConv2d` from its SVD: the model computes what it computed before. From
+    At ``setup`` (before the strategy wraps the model) every targeted Linear/Conv2d/transformers Conv1D becomes a
+    full-rank :class:`LowRankLinear` / :class:`LowRankConv2d` / :class:`LowRankConv1D` from its SVD: the model
+    computes what it computed before. From
     ``start_step`` to ``end_step`` the effective rank of each layer falls along ``schedule`` (on the ``update_every``
     grid) to its target, dropping the components that contribute least (``||first_i|| * ||second_i||``); shapes do
     not change, so DDP and DeepSpeed keep their parameters. At the end of ``fit`` each layer is truncated to its
@@ -56,7 +58,8 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
         end_step: step at which every layer reaches its target rank (> ``start_step``).
         update_every: steps between rank updates.
         schedule: ``cubic`` (fast first, gentle near the target), ``linear``, ``exponential`` or ``constant``.
-        include: regular expressions (whole qualified names) of layers to factorise; default every Linear/Conv2d.
+        include: regular expressions (whole qualified names) of layers to factorise; default every Linear, Conv2d
+            and transformers Conv1D.
         exclude: regular expressions of layers to keep dense.
         truncate_at_fit_end: replace each factorised layer by its truncated copy when fit ends (not under DeepSpeed,
             whose engine keeps the full-size factors: consolidate the checkpoint, ``prepare``, ``truncate``).
@@ -93,7 +96,7 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
         self.rank_ratio, self.energy, self.param_budget = rank_ratio, energy, param_budget
         self.ramp = StepRamp(start_step=start_step, end_step=end_step, update_every=update_every, schedule=schedule)
         self.include, self.exclude = include, exclude
-        self.targeting = Targeting.from_arguments(include, exclude, layer_types=FACTORISABLE)
+        self.targeting = Targeting.from_arguments(include, exclude, layer_types=FACTORISABLE, transformers_conv1d=True)
         self.truncate_at_fit_end = arguments.flag("truncate_at_fit_end", truncate_at_fit_end)
         self.min_saving = arguments.fraction("min_saving", min_saving, high_open=True, hint="0.1 = 10 % fewer.")
         self.calibration_steps = arguments.integer(
@@ -151,6 +154,10 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
     def is_prepared(self, pl_module: pl.LightningModule) -> bool:
         return bool(self.layers)
 
+    def after_composition(self, pl_module: pl.LightningModule) -> None:
+        """QAT may have wrapped the factorised layers (sharing their factors and rank mask): act on the wrappers."""
+        self.layers = {name: pl_module.get_submodule(name) for name in self.layers}
+
     def prepare_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Factorise the targeted layers at full rank (:meth:`prepare`)."""
         teardown.destroy_process_groups_at_exit()  # a finished run's gloo threads are joined before finalization
@@ -168,7 +175,7 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
             if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
                 continue
             with distributed.gathered([module.weight]):
-                weight = module.weight.detach().reshape(distributed.full_shape(module.weight)[0], -1)
+                weight = weight_matrix(module).detach()  # [out, in * kernel]; a Conv1D's (in, out) weight transposed
                 singular = torch.linalg.svdvals(weight.double()).float()
             spectra[name] = LayerSpectrum(name, weight.shape[0], weight.shape[1], singular)
         targets = self._target_ranks(list(spectra.values()))  # calibrated energy/budget: only a check of the floor
@@ -204,9 +211,7 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             module = getattr(parent, child)
-            layer, _ = (LowRankConv2d.from_conv2d if isinstance(module, nn.Conv2d) else LowRankLinear.from_linear)(
-                module
-            )
+            layer, _ = factorise_layer(module)
             setattr(parent, child, layer)
             layers[name] = layer
         return layers, targets, skipped
@@ -260,23 +265,7 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
     def truncate(self, model: nn.Module) -> None:
         """Replace every factorised layer of ``model`` by its physically smaller copy (active components only), or by
         the dense layer it computes when its active components would not be `min_saving` smaller than that."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, _Factorised):
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                shape = module.dense_weight_shape()
-                spectrum = LayerSpectrum(name, shape[0], math.prod(shape[1:]), torch.empty(0))
-                if module.active_rank > spectrum.max_useful_rank(self.min_saving):
-                    rank_zero_info(
-                        f"LowRankRefactoring: {name} is made dense again: {module.active_rank} active components hold"
-                        f" {spectrum.params_at(module.active_rank):,} weights against {spectrum.dense_params:,} dense."
-                    )
-                    setattr(parent, child, module.to_dense())
-                    self.layers.pop(name, None)
-                    continue
-                setattr(parent, child, module.truncated())
-                if name in self.layers:
-                    self.layers[name] = getattr(parent, child)
+        self.layers = truncate_factorised(model, self.min_saving, self.layers)
 
     @override
     def state_dict(self) -> dict[str, Any]:

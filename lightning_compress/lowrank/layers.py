@@ -1,19 +1,21 @@
-"""Factorised layers: a Linear or Conv2d weight ``W`` ([out, in], a convolution read as [out, in * kh * kw]) held as
-two factors, ``W = second @ first``, with a rank mask that switches singular directions off without changing shapes.
-
-Factorising uses the SVD ``W = U S Vh``: ``first = sqrt(S) Vh`` and ``second = U sqrt(S)``, so at full rank the layer
-computes what the dense layer computed. During training the mask shrinks the effective rank (shapes stay, so DDP and
-DeepSpeed keep their parameters); :meth:`truncated` then builds a physically smaller layer from the active directions.
+"""Factorised layers: a Linear, Conv2d or transformers' Conv1D held as two factors with a rank mask (the shared
+part, and the SVD behind it, are in ``factorised.py``).
 
 Convolutions: the SVD of the flattened kernel gives a ``kh x kw`` convolution into ``rank`` channels followed by a
 1x1 convolution to the outputs. It is the optimal rank-``r`` approximation of the layer's matrix (Eckart-Young), uses
 the same code as Linear, and runs as two ordinary convolutions on every backend; Tucker-2 would add a third
 convolution for a second rank that small convolutions rarely need.
+
+transformers' ``Conv1D`` (GPT-2: ``y = x @ W + b``, ``W`` stored ``(in, out)``) is a Linear with a transposed weight:
+:class:`LowRankConv1D` factorises it as a LowRankLinear whose ``weight`` and ``nf``/``nx`` are the Conv1D's.
+
+Each layer is a drop-in for the one it replaces (DESIGN principle 9): it keeps that layer's attributes
+(``in_features``, ``kernel_size``, ...) and a ``weight`` of its shape, dtype and device, which model code reads for
+``x.to(layer.weight.dtype)``; the product behind it is formed only when computed with (``dense_view``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,172 +23,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.distributed import full_shape, gathered
-from lightning_compress.lowrank.statistics import LayerStatistics
-from lightning_compress.packing import packed_nbytes
-from lightning_compress.protocol import LayerFigures, LayerStorage
+from lightning_compress.lowrank.factorised import _Factorised, factor
+from lightning_compress.targeting import weight_is_transposed
 
-__all__ = ["LowRankConv2d", "LowRankLinear", "factor"]
-
-
-def factor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(first, second, singular_values)`` of a 2-D ``weight`` at full rank: ``second @ first == weight``."""
-    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    root = s.sqrt()
-    first = (root[:, None] * vh).to(weight.dtype)
-    second = (u * root[None, :]).to(weight.dtype)
-    return first, second, s.float()
+__all__ = ["LowRankConv1D", "LowRankConv2d", "LowRankLinear", "factor", "factorise_layer", "weight_matrix"]
 
 
-class _Factorised(nn.Module):
-    """The rank mask, the component importance and the self-description shared by the factorised layers.
-
-    ``first`` holds one component per row (dimension 0), ``second`` one per column (dimension 1).
-    """
-
-    first: nn.Parameter
-    second: nn.Parameter
-    bias: nn.Parameter | None
-    rank_mask: torch.Tensor
-
-    def _init_factors(
-        self, first_shape: tuple[int, ...], second_shape: tuple[int, int], bias: bool, transposed: bool = False
-    ) -> None:
-        """``transposed``: each factor's memory is its transpose's, row-major (shapes unchanged); see LowRankLinear."""
-
-        def empty(shape: tuple[int, ...]) -> torch.Tensor:
-            return torch.empty(shape[::-1]).t() if transposed else torch.empty(shape)
-
-        self.first = nn.Parameter(empty(first_shape))
-        self.second = nn.Parameter(empty(second_shape))
-        self.bias = nn.Parameter(torch.zeros(second_shape[0])) if bias else None
-        self.register_buffer("rank_mask", torch.ones(first_shape[0], dtype=torch.bool))
-        self._active = first_shape[0]  # host-side count of active directions: forward skips the mask when all are
-        self._multiplier: torch.Tensor | None = None
-        #: Set by LowRankRefactoring while it observes the data (training-mode forwards add to it); else None.
-        self.statistics: LayerStatistics | None = None
-        self.register_load_state_dict_post_hook(_refresh_mask_cache)
-
-    @property
-    def rank(self) -> int:
-        """Components held (the factors' inner dimension)."""
-        return int(self.rank_mask.numel())
-
-    @property
-    def active_rank(self) -> int:
-        """Components in use (the effective rank)."""
-        return self._active
-
-    def set_rank_mask(self, mask: torch.Tensor) -> None:
-        """Use the components where ``mask`` is True."""
-        self.rank_mask.copy_(mask.to(self.rank_mask.device, torch.bool))
-        _refresh_mask_cache(self, None)
-
-    def component_importance(self, hidden_energy: torch.Tensor | None = None) -> torch.Tensor:
-        """Each component's contribution to the outputs, 0 for components already switched off. Collective under
-        ZeRO-3.
-
-        Without ``hidden_energy``: ``||first_i|| * ||second_i||`` (its singular value right after the SVD). With the
-        mean square of each hidden component on the data (``E[h_i^2]``, ``h = first @ x``): ``||second_i|| *
-        sqrt(E[h_i^2])``, the RMS of what the component adds to the outputs.
-        """
-        with gathered([self.first, self.second] if hidden_energy is None else [self.second]):
-            second = self.second.detach().float().norm(dim=0)
-            if hidden_energy is None:
-                first = self.first.detach().flatten(1).float().norm(dim=1)
-            else:
-                first = hidden_energy.to(second.device, torch.float32).clamp_min(0).sqrt()
-        return torch.where(self.rank_mask.to(second.device), first * second, torch.zeros_like(second))
-
-    def _observe(self, inputs: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Feed ``statistics`` (training mode only): the layer's input rows or its hidden components' rows."""
-        if self.statistics is None or not self.training:
-            return
-        if self.statistics.kind == "inputs":
-            self.statistics.add(self._input_rows(inputs))
-        else:
-            self.statistics.add(hidden.detach().movedim(self._hidden_dim, -1).reshape(-1, self.rank))
-
-    _hidden_dim = -1
-
-    def _input_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the rows the flattened weight multiplies: ``[count, n]``."""
-        raise NotImplementedError  # each layer class defines it
-
-    def _masked(self, hidden: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        if self._active == self.rank:
-            return hidden
-        if (
-            self._multiplier is None
-            or self._multiplier.dtype != hidden.dtype
-            or self._multiplier.device != hidden.device
-        ):
-            self._multiplier = self.rank_mask.to(device=hidden.device, dtype=hidden.dtype)
-        shape = [1] * hidden.dim()
-        shape[channel_dim] = -1
-        return hidden * self._multiplier.reshape(shape)
-
-    def dense_weight_shape(self) -> tuple[int, ...]:
-        """The shape of the dense weight the factors replace."""
-        raise NotImplementedError  # each layer class defines it
-
-    def compression_figures(self) -> LayerFigures:
-        """Effective parameters are the active components' factor weights; FLOPs scale the same way."""
-        shape = self.dense_weight_shape()
-        dense = math.prod(shape)
-        out, per_output = shape[0], dense // shape[0]
-        effective = self._active * (out + per_output)
-        return LayerFigures(
-            weight_shape=shape,
-            params_dense=dense,
-            params_effective=effective,
-            bits=32,
-            rank=self._active,
-            flops_factor=effective / dense,
-        )
-
-    def storage(self) -> LayerStorage:
-        """Dense: the weight the factors replace, at fp32. Compressed: the active factors and the bias as
-        ``save_compressed`` writes them once truncated (:meth:`truncated`, done at fit end)."""
-        figures = self.compression_figures()
-        bias = [] if self.bias is None else [self.bias]
-        with gathered(bias):
-            bias_values = [b.detach() for b in bias]
-            bias_params = sum(b.numel() for b in bias_values)
-            bias_nonzeros = sum(int(torch.count_nonzero(b)) for b in bias_values)
-            bias_bytes = sum(packed_nbytes(b) for b in bias_values)
-        params = figures.params_dense + bias_params
-        return LayerStorage(
-            params, figures.params_effective + bias_nonzeros, 4 * params, 4 * figures.params_effective + bias_bytes
-        )
-
-    def rebuild_args(self) -> dict[str, Any]:
-        raise NotImplementedError  # each layer class defines it
-
-    def _load_factors(self, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None) -> None:
-        with torch.no_grad():
-            self.first.copy_(first.reshape(self.first.shape))
-            self.second.copy_(second)
-            if bias is not None:
-                self.bias.copy_(bias.detach())
-
-    def truncated(self) -> _Factorised:
-        """A physically smaller copy holding only the active components (not collective: gather first)."""
-        keep = self.rank_mask.nonzero().flatten()
-        first, second = self.first.detach()[keep], self.second.detach()[:, keep]
-        out = type(self)(**{**self.rebuild_args(), **self._truncated_args(), "rank": first.shape[0]})
-        out = out.to(first.device, first.dtype)
-        out._load_factors(first, second, self.bias)
-        return out
-
-    def _truncated_args(self) -> dict[str, Any]:
-        """Constructor arguments the truncated (inference) copy adds to ``rebuild_args``."""
-        return {}
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The ``[out, n]`` matrix a Linear, Conv2d (``n = in * kh * kw``) or transformers' Conv1D multiplies its inputs
+    by: a view of its ``weight`` (full only where gathered under ZeRO-3)."""
+    weight = module.weight
+    return weight.t() if weight_is_transposed(module) else weight.reshape(weight.shape[0], -1)
 
 
-def _refresh_mask_cache(module: nn.Module, incompatible_keys: object) -> None:
-    """After a mask change or ``load_state_dict``: the host-side count and the cached multiplier follow the buffer."""
-    module._active = int(module.rank_mask.sum())
-    module._multiplier = None
+def factorise_layer(module: nn.Module) -> tuple[_Factorised, torch.Tensor]:
+    """The full-rank factorised layer computing what ``module`` computes, and its singular values. Gathers under
+    ZeRO-3. Raises TypeError for a layer of another type, ValueError for a grouped or non-zero-padded Conv2d."""
+    if isinstance(module, nn.Linear):
+        return LowRankLinear.from_linear(module)
+    if isinstance(module, nn.Conv2d):
+        return LowRankConv2d.from_conv2d(module)
+    if weight_is_transposed(module):
+        return LowRankConv1D.from_conv1d(module)
+    raise TypeError(
+        f"`module` is a {type(module).__name__}, which has no factorised form; supported: nn.Linear, nn.Conv2d"
+        " (groups=1, zero padding) and transformers' Conv1D. HINT: exclude it from the layers to factorise."
+    )
 
 
 class LowRankLinear(_Factorised):
@@ -210,14 +72,22 @@ class LowRankLinear(_Factorised):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> tuple[LowRankLinear, torch.Tensor]:
         """The full-rank factorisation of ``linear`` (same outputs) and its singular values. Gathers under ZeRO-3."""
-        params = [linear.weight] + ([] if linear.bias is None else [linear.bias])
-        with gathered(params):
-            out_features, in_features = full_shape(linear.weight)
-            first, second, singular = factor(linear.weight)
-            layer = cls(in_features, out_features, first.shape[0], linear.bias is not None).to(
-                first.device, first.dtype
+        if weight_is_transposed(linear):
+            raise TypeError(
+                "`linear` is a transformers Conv1D, whose weight is stored (in, out): from_linear would factorise its"
+                " transpose. HINT: LowRankConv1D.from_conv1d(layer), or factorise_layer(layer) for any supported layer."
             )
-            layer._load_factors(first, second, linear.bias)
+        return cls._from_dense(linear)
+
+    @classmethod
+    def _from_dense(cls, dense: nn.Module) -> tuple[LowRankLinear, torch.Tensor]:
+        params = [dense.weight] + ([] if dense.bias is None else [dense.bias])
+        with gathered(params):
+            matrix = weight_matrix(dense)
+            out_features, in_features = matrix.shape
+            first, second, singular = factor(matrix)
+            layer = cls(in_features, out_features, first.shape[0], dense.bias is not None).to(first.device, first.dtype)
+            layer._load_factors(first, second, dense.bias)
         return layer, singular
 
     def rebuild_args(self) -> dict[str, Any]:
@@ -241,16 +111,8 @@ class LowRankLinear(_Factorised):
     def _input_rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach().reshape(-1, self.in_features)
 
-    def to_dense(self) -> nn.Linear:
-        """The dense Linear the active components compute (for a layer whose factors would save nothing)."""
-        keep = self.rank_mask.nonzero().flatten()
-        out = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-        out = out.to(self.first.device, self.first.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.second.detach()[:, keep] @ self.first.detach()[keep])
-            if self.bias is not None:
-                out.bias.copy_(self.bias.detach())
-        return out
+    def _dense_skeleton(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, self.bias is not None)
 
     def extra_repr(self) -> str:
         return (
@@ -262,6 +124,9 @@ class LowRankLinear(_Factorised):
 class LowRankConv2d(_Factorised):
     """A ``kh x kw`` convolution into ``rank`` channels (``first``), then a 1x1 convolution to the outputs
     (``second`` as ``[out, rank]``, with the bias). Zero padding, ``groups=1``."""
+
+    groups = 1
+    padding_mode = "zeros"
 
     def __init__(
         self,
@@ -331,18 +196,9 @@ class LowRankConv2d(_Factorised):
         patches = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)  # [N, n, positions]
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
-    def to_dense(self) -> nn.Conv2d:
-        """The dense Conv2d the active components compute (for a layer whose factors would save nothing)."""
-        keep = self.rank_mask.nonzero().flatten()
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                        self.dilation, bias=self.bias is not None)  # fmt: skip
-        out = out.to(self.first.device, self.first.dtype)
-        with torch.no_grad():
-            weight = self.second.detach()[:, keep] @ self.first.detach()[keep].flatten(1)
-            out.weight.copy_(weight.reshape(out.weight.shape))
-            if self.bias is not None:
-                out.bias.copy_(self.bias.detach())
-        return out
+    def _dense_skeleton(self) -> nn.Module:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None)  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -350,3 +206,39 @@ class LowRankConv2d(_Factorised):
             f" active_rank={self._active}, stride={self.stride}, padding={self.padding}, dilation={self.dilation},"
             f" bias={self.bias is not None}"
         )
+
+
+class LowRankConv1D(LowRankLinear):
+    """transformers' ``Conv1D`` (``y = x @ W + b``, ``W`` stored ``(in, out)``; GPT-2's attention and MLP) as factors.
+
+    It computes as a :class:`LowRankLinear`; ``weight`` is ``(in, out)`` and ``nf`` (outputs) / ``nx`` (inputs) are
+    there, as on the Conv1D, so code written for Conv1D keeps working. Its ``rebuild_args`` are LowRankLinear's.
+    """
+
+    _transposed_weight = True
+
+    @classmethod
+    def from_conv1d(cls, conv1d: nn.Module) -> tuple[LowRankConv1D, torch.Tensor]:
+        """The full-rank factorisation of a transformers ``Conv1D`` and its singular values. Gathers under ZeRO-3."""
+        if not weight_is_transposed(conv1d):
+            raise TypeError(
+                f"`conv1d` must be a transformers.pytorch_utils.Conv1D, got {type(conv1d).__name__}."
+                " HINT: factorise_layer(layer) picks the constructor for any supported layer."
+            )
+        return cls._from_dense(conv1d)
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
+    def _dense_skeleton(self) -> nn.Module:
+        from transformers.pytorch_utils import Conv1D  # only here: a LowRankConv1D needs transformers back
+
+        return Conv1D(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, " + super().extra_repr()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_compress import distributed
-from lightning_compress.lowrank.layers import _Factorised
+from lightning_compress.lowrank.factorised import _Factorised
 from lightning_compress.lowrank.ranks import LayerSpectrum
 from lightning_compress.lowrank.statistics import LayerStatistics
 from lightning_compress.lowrank.whitening import carry_state, whitened_factors
