@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lightning_compress.distributed import full_shape, gathered
+from lightning_compress.targeting import transformers_conv1d, weight_is_transposed
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,19 @@ class Rebuildable(Protocol):
 
 
 MEASURED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The plain layers measured by their weights; transformers' ``Conv1D`` too when loaded (:func:`is_measured_layer`)."""
+
+
+def is_measured_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain layer :func:`describe` measures by its weight's non-zeros."""
+    conv1d = transformers_conv1d()
+    return isinstance(module, MEASURED_LAYERS) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _out_in_shape(module: nn.Module, weight: torch.Tensor) -> tuple[int, ...]:
+    """The full weight shape as ``(out, in, *kernel)``; a Conv1D stores its weight ``(in, out)``."""
+    shape = tuple(full_shape(weight))
+    return shape[::-1] if weight_is_transposed(module) else shape
 
 
 def describe(module: nn.Module) -> LayerFigures | None:
@@ -114,12 +128,12 @@ def describe(module: nn.Module) -> LayerFigures | None:
     """
     if isinstance(module, DescribesCompression):
         return module.compression_figures()
-    if not isinstance(module, MEASURED_LAYERS):
+    if not is_measured_layer(module):
         return None
     weight = module.weight
     with gathered([weight]):
         nonzeros = int(torch.count_nonzero(weight.detach()))
-    shape = tuple(full_shape(weight))
+    shape = _out_in_shape(module, weight)
     total = int(torch.Size(shape).numel())
     return LayerFigures(
         weight_shape=shape,
@@ -136,6 +150,7 @@ def dense_weight_shape(module: nn.Module) -> tuple[int, ...]:
 
     A :class:`HasDenseShape` layer's own answer; otherwise the full shape of its ``weight`` (also under ZeRO-3,
     where the local tensor is empty): plain layers, and compressed drop-ins that keep the dense-shaped ``weight``.
+    Always ``(out, in, *kernel)``: a transformers ``Conv1D``'s ``(in, out)`` weight is read the other way round.
     """
     if isinstance(module, HasDenseShape):
         return tuple(module.dense_weight_shape())
@@ -146,4 +161,4 @@ def dense_weight_shape(module: nn.Module) -> tuple[int, ...]:
             " stands for is unknown. HINT: implement lightning_compress.protocol.HasDenseShape"
             " (def dense_weight_shape(self) -> tuple[int, ...])."
         )
-    return tuple(full_shape(weight))
+    return _out_in_shape(module, weight)

@@ -196,29 +196,265 @@ def test_structure_is_remeasured_only_after_a_compression_event(
     assert calls == [0, 10, 20, 20, 30, 40, 40]
 
 
-def test_without_example_input_array_the_monitor_warns_once_and_logs_no_flops(tmp_path: Path) -> None:
+class NoCall(pl.LightningModule):
+    """Computes with its parameter directly: neither its forward nor any child module is ever called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(64, 10))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(x.flatten(1) @ self.weight, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def quiet_fit(tmp_path: Path, module: pl.LightningModule, callbacks: list[Any], data: Any, **trainer: Any) -> Path:
+    """Fit ``module`` on ``data`` (a DataModule or a train DataLoader) with a CSVLogger; the metrics file's path."""
     from pytorch_lightning.loggers import CSVLogger
 
-    class NoExample(ImageClassifier):
-        def __init__(self) -> None:
-            super().__init__(image_size=8)
-            self.example_input_array = None
+    logger = CSVLogger(tmp_path, version=0)  # known before the fit: ddp_spawn's processes write it
+    settings = {"max_steps": 3, "log_every_n_steps": 1, **trainer}
+    fit = pl.Trainer(
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **settings,
+    ).fit
+    if isinstance(data, pl.LightningDataModule):
+        fit(module, datamodule=data)
+    else:
+        fit(module, train_dataloaders=data)
+    return Path(logger.log_dir) / "metrics.csv"
 
-    logger = CSVLogger(tmp_path)
-    with pytest.warns(UserWarning, match=r"NoExample has no `example_input_array`, so FLOPs and latency") as record:
-        pl.Trainer(
-            accelerator="cpu",
-            max_steps=3,
-            logger=logger,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[CompressionMonitor(log_every_n_steps=1)],
-        ).fit(NoExample(), datamodule=DigitsDataModule())
+
+def test_when_no_forward_call_can_be_recorded_the_monitor_warns_once_and_logs_no_flops(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"NoCall has no `example_input_array`, so FLOPs and latency") as record:
+        path = quiet_fit(tmp_path, NoCall(), [CompressionMonitor(log_every_n_steps=1)], DigitsDataModule())
     assert sum("example_input_array" in str(w.message) for w in record) == 1
-    series = read_csv_metrics(Path(logger.log_dir) / "metrics.csv")
+    series = read_csv_metrics(path)
     assert "compress/params_dense" in series and "compress/flops_dense" not in series
     assert "compress/latency_ms" not in series
+
+
+# ----------------------------------------------------------------------------- inputs without example_input_array
+
+
+class NoExample(ImageClassifier):
+    """The reference classifier as most modules are written: ``training_step`` calls ``self(x)``, no example."""
+
+    def __init__(self) -> None:
+        super().__init__(image_size=8)
+        self.example_input_array = None
+
+
+class InnerCall(pl.LightningModule):
+    """``training_step`` calls ``self.net(x)``, never ``self(x)``; a parameterless child is called first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_compress.models import ReferenceCNN
+
+        self.scale = nn.Identity()  # holds no parameters: never taken for the model
+        self.net = ReferenceCNN(1, 8, 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(self.scale(x)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("module", [NoExample, InnerCall])
+def test_without_example_input_array_flops_and_latency_come_from_the_first_training_batch(
+    tmp_path: Path, module: type[pl.LightningModule]
+) -> None:
+    """The first batch of the digits is 64 images of 1x8x8: the figures are those of one forward of such a batch,
+    through the LightningModule (``self(x)``) or through the child that ``training_step`` calls."""
+    pl.seed_everything(0)
+    model = module()
+    monitor = CompressionMonitor(log_every_n_steps=1, latency_repeats=2)
+    pruning = GradualPruning(0.5, start_step=0, end_step=2, update_every=1)
+    series = read_csv_metrics(quiet_fit(tmp_path, model, [pruning, monitor], DigitsDataModule()))
+    expected = measure_model(model.net, torch.zeros(64, 1, 8, 8)).metrics()
+    assert series["compress/flops_effective"][-1][1] == pytest.approx(expected["compress/flops_effective"])
+    assert series["compress/flops_dense"][-1][1] == pytest.approx(expected["compress/flops_dense"])
+    assert series["compress/flops_effective"][-1][1] < 0.6 * series["compress/flops_dense"][-1][1]
+    assert series["compress/flops_effective"][0][0] == 1  # from the end of the first batch on
+    assert {"compress/latency_ms", "compress/latency_ms_dense"} <= series.keys()
+    assert monitor.recorded is not None and monitor.recorded.module == ("" if module is NoExample else "net")
+    assert [tuple(t.shape) for t in monitor.recorded.args] == [(64, 1, 8, 8)]
+
+
+def test_example_input_array_wins_over_the_recorded_call(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = ImageClassifier(image_size=8)  # example_input_array: one image
+    monitor = CompressionMonitor(log_every_n_steps=1, measure_latency=False)
+    series = read_csv_metrics(quiet_fit(tmp_path, model, [monitor], DigitsDataModule()))
+    assert monitor.recorded is None
+    expected = measure_model(model, model.example_input_array).flops_dense
+    assert {value for _, value in series["compress/flops_dense"]} == {expected}
+
+
+class TinyBert(pl.LightningModule):
+    """A transformers classifier as people fine-tune one: ``training_step`` calls ``self.model(**batch)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+        self.model = BertForSequenceClassification(config)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def token_batches(count: int = 16, length: int = 12) -> Any:
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "input_ids": torch.randint(0, 100, (length,), generator=generator),
+            "attention_mask": torch.ones(length, dtype=torch.long),
+            "labels": torch.tensor(i % 2),
+        }
+        for i in range(count)
+    ]
+    return torch.utils.data.DataLoader(rows, batch_size=4)
+
+
+def test_a_transformers_model_called_with_keyword_arguments_logs_its_flops(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    module = TinyBert()
+    monitor = CompressionMonitor(log_every_n_steps=1, latency_repeats=2)
+    series = read_csv_metrics(quiet_fit(tmp_path, module, [monitor], token_batches()))
+    assert monitor.recorded is not None and monitor.recorded.module == "model"
+    assert sorted(monitor.recorded.kwargs) == ["attention_mask", "input_ids", "labels"]
+    first = next(iter(token_batches()))
+    expected = measure_model(module.model, first).metrics()  # a dict: keyword arguments
+    assert series["compress/flops_effective"][-1][1] == pytest.approx(expected["compress/flops_effective"])
+    linear = sum(m.in_features * m.out_features for m in module.model.bert.encoder.modules() if type(m) is nn.Linear)
+    assert series["compress/flops_dense"][-1][1] >= 2 * linear * 4 * 12  # every token through every encoder Linear
+
+
+def test_a_transformers_conv1d_counts_as_the_linear_it_is() -> None:
+    """GPT-2's Conv1D holds its weight as ``(in, out)`` and computes ``x @ W + b``: ``2 x in x out`` per row."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(32, 64)  # nf (out), nx (in): weight [64, 32]
+    with torch.no_grad():
+        conv.weight[::2] = 0.0  # every other input row
+    report = measure_model(nn.Sequential(conv), torch.zeros(3, 5, 64))
+    (layer,) = report.layers
+    assert layer.figures.weight_shape == (32, 64)  # read as (out, in)
+    assert layer.flops_dense == 2 * 64 * 32 * 15 == report.flops_dense  # FlopCounterMode's addmm agrees
+    assert layer.flops_effective == layer.flops_dense // 2 == report.flops_effective
+
+
+# ------------------------------------------------------------------------------------------- recording one call
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Identity()
+        self.inner = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(self.scale(x if mask is None else x * mask))
+
+
+def hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_the_first_call_is_recorded_detached_on_the_cpu_with_args_and_kwargs_and_the_hooks_removed() -> None:
+    from lightning_compress.monitor.inputs import FirstForward
+
+    model = Outer()
+    x, mask = torch.randn(2, 4, requires_grad=True), torch.ones(2, 4)
+    recording = FirstForward(model)
+    recording.start()
+    expected = model(x, mask=mask)
+    model(torch.zeros(5, 4))  # a later call changes nothing
+    assert hook_count(model) == 0  # the root's call removes every hook at once
+    call = recording.stop()
+    assert call is not None and call.module == ""
+    (arg,) = call.args
+    assert torch.equal(arg, x) and arg is not x and not arg.requires_grad and arg.device.type == "cpu"
+    assert list(call.kwargs) == ["mask"] and torch.equal(call.kwargs["mask"], mask)
+    assert torch.equal(call.run(model), expected)
+
+
+def test_without_a_root_call_the_first_child_with_parameters_is_recorded() -> None:
+    from lightning_compress.monitor.inputs import FirstForward
+
+    model = Outer()
+    recording = FirstForward(model)
+    recording.start()
+    model.scale(torch.ones(1, 4))  # no parameters: not the model
+    model.inner(torch.ones(7, 4))
+    call = recording.stop()
+    assert call is not None and call.module == "inner" and call.args[0].shape == (7, 4)
+    assert hook_count(model) == 0
+    assert call.run(model).shape == (7, 3)
+
+    recording = FirstForward(model)
+    recording.start()
+    model.inner(torch.ones(7, 4))
+    model(torch.ones(2, 4))  # the root's call, even a later one, wins: the inner one was made from training_step
+    call = recording.stop()
+    assert call is not None and call.module == "" and call.args[0].shape == (2, 4)
+
+
+def test_a_batch_encoding_a_tuple_and_a_call_with_no_tensors_are_recorded_as_they_are() -> None:
+    from transformers import BatchEncoding
+
+    from lightning_compress.monitor.inputs import FirstForward, ForwardCall
+
+    class TakesAnything(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(()))
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return args, kwargs
+
+    model = TakesAnything()
+    encoding = BatchEncoding({"input_ids": torch.arange(6).reshape(2, 3), "attention_mask": torch.ones(2, 3)})
+    for args, kwargs in [((encoding,), {}), ((), dict(encoding)), ((torch.ones(2), (torch.zeros(1), 3)), {})]:
+        recording = FirstForward(model)
+        recording.start()
+        model("no tensors", flag=True)  # not a call worth recording
+        model(*args, **kwargs)
+        call = recording.stop()
+        assert call is not None
+        got_args, got_kwargs = call.run(model)
+        assert [type(a) for a in got_args] == [type(a) for a in args] and got_kwargs.keys() == kwargs.keys()
+        assert ForwardCall(got_args, got_kwargs).signature() == ForwardCall(args, kwargs).signature()
+    assert isinstance(call.args[1], tuple) and call.args[1][1] == 3
+    assert ForwardCall.of(torch.zeros(2)).args[0].shape == (2,) and ForwardCall.of({"a": 1}).kwargs == {"a": 1}
+
+
+@pytest.mark.slow
+def test_under_ddp_each_rank_records_the_call_on_the_lightning_module(tmp_path: Path) -> None:
+    monitor = CompressionMonitor(log_every_n_steps=1, measure_latency=False)
+    path = quiet_fit(tmp_path, NoExample(), [monitor], DigitsDataModule(), strategy="ddp_spawn", devices=2)
+    series = read_csv_metrics(path)
+    expected = measure_model(ImageClassifier(image_size=8).net, torch.zeros(64, 1, 8, 8)).flops_dense
+    assert series["compress/flops_dense"][-1][1] == expected  # one rank's batch of 64, through the module's forward
 
 
 # ------------------------------------------------------------------------------------------------- quantization
@@ -319,6 +555,20 @@ def test_a_users_own_layer_is_measured_through_the_protocols_alone() -> None:
     assert (report.flops_dense, report.flops_effective) == (measured.flops_dense, measured.flops_effective)
     assert (report.params_dense, report.params_effective) == (64 * 32, 2 * 16 * 32)  # from storage(), not its tensors
     assert (report.bytes_dense, report.bytes_compressed) == (4 * 64 * 32, packed_nbytes(layer.blocks.detach()))
+
+
+class DescribedOnly(BlockDiagonalLinear):
+    """Describes its compression but reports no storage."""
+
+    storage = None  # type: ignore[assignment]  # blocks the protocol method
+
+
+def test_a_compressed_layer_without_storage_counts_as_the_dense_layer_it_describes() -> None:
+    layer = DescribedOnly(64, 32)
+    assert not isinstance(layer, ReportsStorage)
+    report = measure_model(nn.Sequential(layer), torch.zeros(1, 64))
+    assert (report.params_dense, report.bytes_dense) == (64 * 32, 4 * 64 * 32)  # its description, not its blocks
+    assert (report.params_effective, report.bytes_compressed) == (2 * 16 * 32, packed_nbytes(layer.blocks.detach()))
 
 
 class Unshaped(BlockDiagonalLinear):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from lightning_compress._lightning import loggers_of, pl
@@ -40,8 +41,9 @@ def layer_rows(report: ModelReport) -> list[list[Any]]:
     ]
 
 
-def log_final(trainer: pl.Trainer, dense: ModelReport, final: ModelReport, metrics: dict[str, float]) -> None:
-    """The per-layer table, a per-layer sparsity bar chart, and dense vs final figures in the run summary."""
+def log_final(trainer: pl.Trainer, dense: Mapping[str, float], final: ModelReport, metrics: dict[str, float]) -> None:
+    """The per-layer table, a per-layer sparsity bar chart, and the dense figures (``dense``: the baseline's
+    ``compress/*`` metrics) and the final ones in the run summary."""
     loggers = wandb_loggers(trainer)
     if not loggers:
         return
@@ -49,7 +51,7 @@ def log_final(trainer: pl.Trainer, dense: ModelReport, final: ModelReport, metri
 
     table = wandb.Table(columns=TABLE_COLUMNS, data=layer_rows(final))
     chart = wandb.plot.bar(table, "layer", "sparsity", title="Sparsity per layer")
-    summary = {f"compress/dense/{k.removeprefix('compress/')}": v for k, v in dense.metrics().items()}
+    summary = {f"compress/dense/{k.removeprefix('compress/')}": v for k, v in dense.items()}
     summary.update({f"compress/final/{k.removeprefix('compress/')}": v for k, v in metrics.items()})
     for logger in loggers:
         logger.experiment.log(
