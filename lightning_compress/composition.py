@@ -14,10 +14,11 @@ The order, by :attr:`Composable.composition_rank`:
 
 Before any of them touches the model, every ``CompressionMonitor`` captures its dense baseline.
 
-Where two of them target the same layer, only pruning and QAT compose (a pruned, quantized layer: int8 zeros).
-Every other overlap - a layer both factorised and pruned or quantized, or one technique twice on a layer - is refused
-at ``setup``, before any layer is swapped, naming both callbacks and the shared layers. Targets are read from the
-model as it was given, so the refusal is the same in every order.
+Where two of them target the same layer, QAT composes with either of the others: a pruned layer quantized (its zeros
+are int8 zeros), or a factorised layer quantized (both factors fake-quantized, int8 factors once converted; the rank
+mask keeps falling through the same buffer). A layer both factorised and pruned, or one technique twice on a layer,
+is refused at ``setup``, before any layer is swapped, naming both callbacks and the shared layers. Targets are read
+from the model as it was given, so the refusal is the same in every order.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from lightning_compress._lightning import pl, rank_zero_info
 
 #: Pairs of techniques that may act on the same layer, by class name.
 COMPOSE_ON_ONE_LAYER: frozenset[frozenset[str]] = frozenset(
-    {frozenset({"GradualPruning", "QuantizationAwareTraining"})}
+    {
+        frozenset({"GradualPruning", "QuantizationAwareTraining"}),  # a pruned layer quantized: int8 zeros
+        frozenset({"LowRankRefactoring", "QuantizationAwareTraining"}),  # the factors quantized, int8 when converted
+    }
 )
 
 _WHY_NOT = {
     frozenset({"GradualPruning", "LowRankRefactoring"}): "a factorised layer has no dense weight left to mask",
-    frozenset({"LowRankRefactoring", "QuantizationAwareTraining"}): "quantizing low-rank factors is not supported yet",
 }
 
 
@@ -52,6 +55,9 @@ class Composable:
 
     def is_prepared(self, pl_module: pl.LightningModule) -> bool:
         raise NotImplementedError
+
+    def after_composition(self, pl_module: pl.LightningModule) -> None:
+        """Called once every technique is prepared: take up what a later one put in place of this one's layers."""
 
     def check_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse what would fail later (an export path that exists, ...); called for every technique before any
@@ -79,6 +85,8 @@ def prepare_all(trainer: pl.Trainer, pl_module: pl.LightningModule, caller: Comp
     _refuse_overlaps(pending, pl_module)
     for technique in pending:
         technique.prepare_fit(trainer, pl_module)
+    for technique in pending:
+        technique.after_composition(pl_module)
     _put_in_order(trainer, listed)
 
 
@@ -98,9 +106,9 @@ def _refuse_overlaps(techniques: list[Composable], model: nn.Module) -> None:
             why = _WHY_NOT.get(names, "two instances of one technique would act twice on the same weights")
             shown = ", ".join(shared[:6]) + (f" and {len(shared) - 6} more" if len(shared) > 6 else "")
             raise ValueError(
-                f"{_describe(first)} and {_describe(second)} both target {shown}: {why}. Only GradualPruning and"
-                " QuantizationAwareTraining may share a layer. HINT: give them disjoint layers with `include` /"
-                f" `exclude`, e.g. exclude={shared[:2]!r} on one of them."
+                f"{_describe(first)} and {_describe(second)} both target {shown}: {why}. Only"
+                " QuantizationAwareTraining may share a layer with another technique. HINT: give them disjoint layers"
+                f" with `include` / `exclude`, e.g. exclude={shared[:2]!r} on one of them."
             )
 
 

@@ -80,6 +80,29 @@ def test_all_six_orders_of_the_three_techniques_train_bitwise_the_same_model(
             assert torch.equal(state[key], value), f"order {order}: {key} differs"
 
 
+def test_low_rank_and_qat_on_the_same_layers_train_quantized_factors_that_convert_and_export_to_int8(
+    tmp_path: Any, quiet_trainer_kwargs: dict[str, Any]
+) -> None:
+    from lightning_compress import convert_to_int8, load_compressed, save_compressed
+
+    lowrank = LowRankRefactoring(rank_ratio=0.5, start_step=2, end_step=8, update_every=2, include=[r"conv\d"])
+    qat = QuantizationAwareTraining(activation_bits=8, start_step=4, convert_at_fit_end=False)
+    model = ConvNet()
+    pl.Trainer(max_steps=10, callbacks=[qat, lowrank], **quiet_trainer_kwargs).fit(model)
+    assert type(model.conv2).__name__ == "QATLowRankConv2d" and model.conv2.active_rank < 16
+    assert lowrank.layers["conv2"] is model.conv2  # the low-rank callback acts on the wrapper QAT put in place
+    model.eval()
+    images = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    int8 = convert_to_int8(model)
+    assert type(int8.conv2).__name__ == "Int8LowRankConv2d"
+    with torch.no_grad():
+        qat_out, int8_out = model(images), int8(images)
+        assert float((int8_out - qat_out).abs().max() / qat_out.abs().max()) <= 1e-2
+        path = tmp_path / "model.safetensors"
+        save_compressed(model, path)
+        assert torch.equal(load_compressed(path, model=ConvNet())(images), int8_out)  # into a fresh float ConvNet
+
+
 def test_the_techniques_take_one_order_in_the_trainer_and_every_other_callback_keeps_its_place(
     quiet_trainer_kwargs: dict[str, Any],
 ) -> None:
@@ -115,12 +138,10 @@ def test_a_resumed_composed_run_ends_bitwise_equal_to_one_never_stopped(
     [
         (lambda: [GradualPruning(0.5, end_step=4), LowRankRefactoring(rank_ratio=0.5, end_step=4)],
          "a factorised layer has no dense weight left to mask"),
-        (lambda: [QuantizationAwareTraining(), LowRankRefactoring(rank_ratio=0.5, end_step=4)],
-         "quantizing low-rank factors is not supported yet"),
         (lambda: [GradualPruning(0.5, end_step=4), GradualPruning(0.3, end_step=4, include=["fc1"])],
          "two instances of one technique would act twice on the same weights"),
     ],
-    ids=["pruning+lowrank", "qat+lowrank", "pruning-twice"],
+    ids=["pruning+lowrank", "pruning-twice"],
 )  # fmt: skip
 def test_two_techniques_on_one_layer_that_do_not_compose_are_refused_at_setup_the_same_way_in_either_order(
     make: Any, why: str, quiet_trainer_kwargs: dict[str, Any]
@@ -267,8 +288,61 @@ def test_gpt2s_conv1d_layers_lose_whole_output_columns_and_their_bias_under_chan
     assert not torch.any((layer.weight == 0).all(dim=1)), "input rows must not be what is pruned"
 
 
-def test_a_transformers_layer_type_a_technique_does_not_support_is_named_in_the_error() -> None:
-    module = GPT2Module()
+class WithBilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.mix = nn.Bilinear(8, 8, 4)
+
+
+@pytest.mark.parametrize(
+    "technique",
+    [
+        lambda include: GradualPruning(0.5, end_step=2, include=include),
+        lambda include: QuantizationAwareTraining(include=include),
+        lambda include: LowRankRefactoring(rank_ratio=0.5, end_step=2, include=include),
+    ],
+    ids=["pruning", "qat", "lowrank"],
+)
+def test_a_layer_type_no_technique_supports_is_named_in_the_error_with_what_to_do(technique: Any) -> None:
     with pytest.raises(ValueError) as info:
-        QuantizationAwareTraining(include=[r"model\.transformer\.h\.0\.attn\.c_attn"]).planned_targets(module)
-    assert "of type Conv1D, which this technique does not support" in str(info.value)
+        technique(["mix"]).planned_targets(WithBilinear())
+    assert "it names mix, of type Bilinear, which this technique does not support" in str(info.value)
+    assert "HINT: drop the pattern" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        technique(None).planned_targets(nn.Sequential(nn.Bilinear(8, 8, 4)))
+    assert "torch.nn.modules.linear.Bilinear, which this technique does not support" in str(info.value)
+
+
+def test_qat_and_low_rank_take_gpt2s_conv1d_layers_and_leave_its_tied_head() -> None:
+    module = GPT2Module()
+    expected = [f"model.transformer.h.0.{layer}" for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert QuantizationAwareTraining().planned_targets(module) == expected
+    assert LowRankRefactoring(rank_ratio=0.5, end_step=2).planned_targets(module) == expected
+
+
+def test_the_composed_reference_cnn_on_fashion_mnist_exports_to_at_most_a_fifteenth_of_its_dense_checkpoint(
+    tmp_path: Any, quiet_trainer_kwargs: dict[str, Any]
+) -> None:
+    """Low-rank on conv2, pruning to 95 % and int8 on the rest: the file and its reload, against `torch.save`."""
+    from lightning_compress import convert_to_int8, load_compressed, save_compressed
+    from lightning_compress.data import FashionMNISTDataModule
+    from lightning_compress.models import ImageClassifier
+
+    torch.manual_seed(0)
+    model, data = ImageClassifier(), FashionMNISTDataModule(batch_size=64, limit_train=640, val_size=1000)
+    dense = tmp_path / "dense.pt"
+    torch.save(model.state_dict(), dense)
+    callbacks = [
+        QuantizationAwareTraining(activation_bits=8, start_step=4, exclude=[r"net\.conv2"], convert_at_fit_end=False),
+        GradualPruning(0.95, start_step=2, end_step=8, update_every=2, exclude=[r"net\.conv2"]),
+        LowRankRefactoring(rank_ratio=0.125, start_step=2, end_step=8, update_every=2, include=[r"net\.conv2"]),
+    ]
+    pl.Trainer(max_steps=10, callbacks=callbacks, **quiet_trainer_kwargs).fit(model, datamodule=data)
+    model.eval()
+    path = tmp_path / "composed.safetensors"
+    written = save_compressed(model, path)
+    assert written == path.stat().st_size and written <= dense.stat().st_size / 15, (written, dense.stat().st_size)
+    images = next(iter(data.val_dataloader()))[0][:32]
+    with torch.no_grad():  # the file holds the int8 form of the QAT layers
+        assert torch.equal(load_compressed(path)(images), convert_to_int8(model)(images))

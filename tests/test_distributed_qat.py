@@ -140,7 +140,7 @@ def test_pruning_with_qat_keeps_pruned_weights_zero_through_int8_conversion(tmp_
     int8 = convert_to_int8(model)
     for key in weights:
         layer = key.removesuffix(".weight")
-        float_weight, int8_weight = model.get_parameter(key).detach(), int8.get_submodule(layer).weight
+        float_weight, int8_weight = model.get_parameter(key).detach(), int8.get_submodule(layer).qweight
         assert int8_weight.dtype == torch.int8 and int8_weight.shape == float_weight.shape, layer
         zero = float_weight == 0
         assert torch.equal(zero, ~rank0["masks"][key]), f"{layer}: float zeros are not the pruning mask"

@@ -30,6 +30,7 @@ from torch import nn
 from lightning_compress import packing
 from lightning_compress._lightning import LightningModule
 from lightning_compress.export import CompressedFileError, encode_metadata, load_compressed, save_compressed
+from lightning_compress.lowrank import LowRankConv2d, LowRankLinear
 from lightning_compress.models import ImageClassifier
 from lightning_compress.packing import (
     CODECS,
@@ -193,6 +194,38 @@ def test_a_plain_module_round_trips_every_dtype_and_buffer_bit_exactly(tmp_path:
     loaded = load_compressed(path, skeleton)
     assert loaded is skeleton and not loaded.training
     assert_state_bit_equal(loaded, net)
+
+
+class MyModel(nn.Module):
+    """A user's own class: a plain nn.Module (the file cannot rebuild it), a convolution and two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def test_a_low_rank_export_loads_into_a_fresh_instance_of_the_users_class(tmp_path: Path) -> None:
+    """The recorded low-rank layers are built and put in place of the fresh model's dense ones, then the state dict
+    is loaded strictly."""
+    torch.manual_seed(0)
+    model = MyModel()
+    model.conv = LowRankConv2d.from_conv2d(model.conv)[0]
+    model.fc1 = LowRankLinear.from_linear(model.fc1)[0]
+    path = tmp_path / "low_rank.safetensors"
+    save_compressed(model, path)
+    assert set(read_manifest(path)["modules"]) == {"conv", "fc1"}
+    fresh = MyModel()
+    assert load_compressed(path, model=fresh) is fresh
+    assert [type(fresh.conv), type(fresh.fc1), type(fresh.fc2)] == [LowRankConv2d, LowRankLinear, nn.Linear]
+    assert_state_bit_equal(fresh, model)
+    x = torch.randn(8, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(bits(fresh(x)), bits(model.eval()(x)))
 
 
 def test_file_size_is_header_plus_the_sum_of_packed_nbytes(tmp_path: Path) -> None:

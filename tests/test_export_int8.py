@@ -28,13 +28,15 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_compress import QuantizationAwareTraining, convert_to_int8
-from lightning_compress._lightning import LightningModule
+from lightning_compress._lightning import LightningModule, pl
+from lightning_compress.data import DigitsDataModule
 from lightning_compress.export import CompressedFileError, encode_metadata, load_compressed, save_compressed
 from lightning_compress.lowrank import LowRankLinear
 from lightning_compress.models import ImageClassifier
+from lightning_compress.monitor.measure import measure_model
 from lightning_compress.packing import CODECS, PackingError, choose_codec, pack, packed_nbytes, unpack
 from lightning_compress.protocol import Rebuildable
-from lightning_compress.quantization import Int8Conv2d, Int8Linear
+from lightning_compress.quantization import Int8Conv1d, Int8Conv2d, Int8Linear, QATLinear
 
 INT8_LAYERS = {"net.conv1": Int8Conv2d, "net.conv2": Int8Conv2d, "net.fc1": Int8Linear, "net.fc2": Int8Linear}
 
@@ -85,6 +87,14 @@ def assert_state_bit_equal(actual: nn.Module, expected: nn.Module) -> None:
 def header_size(path: Path) -> int:
     with open(path, "rb") as file:
         return 8 + struct.unpack("<Q", file.read(8))[0]
+
+
+def contents(path: Path) -> tuple[dict[str, Any], bytes]:
+    """(the safetensors header, manifest included, as JSON; the tensor data): a file's content, byte for byte but
+    for the order of the two metadata keys, which safetensors writes in no fixed order."""
+    data = path.read_bytes()
+    size = header_size(path)
+    return json.loads(data[8:size]), data[size:]
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -160,17 +170,17 @@ def test_pruned_weights_are_int8_zeros_stored_in_a_bit_mask(
     _, path = saved_int8
     manifest = read_manifest(path)
     for name in INT8_LAYERS:
-        entry = manifest["tensors"][f"{name}.weight"]
+        entry = manifest["tensors"][f"{name}.qweight"]
         assert entry["codec"] == "bitmask" and entry["meta"]["dtype"] == "int8"
     loaded = load_compressed(path)
     for name in INT8_LAYERS:
         pruned = float_model.get_submodule(name).weight == 0
-        int8_weight = loaded.get_submodule(name).weight
+        int8_weight = loaded.get_submodule(name).qweight
         assert int8_weight.dtype == torch.int8
         # The kept weights are the largest 10 %, far above one quantization step, so none of them rounds to zero.
         assert torch.equal(int8_weight == 0, pruned), name
     with safe_open(path, framework="pt") as file:
-        values = file.get_tensor("net.fc1.weight::values")
+        values = file.get_tensor("net.fc1.qweight::values")
     assert values.dtype == torch.int8 and values.numel() == int((float_model.net.fc1.weight != 0).sum())
 
 
@@ -240,7 +250,7 @@ def test_4_bit_weights_take_about_half_the_bytes_of_8_bit_weights(tmp_path: Path
         int8 = qat_int8(pruned_classifier(0.0), weight_bits=weight_bits)
         path = tmp_path / f"w{weight_bits}.safetensors"
         sizes[weight_bits] = save_compressed(int8, path)
-        codec = read_manifest(path)["tensors"]["net.fc1.weight"]["codec"]
+        codec = read_manifest(path)["tensors"]["net.fc1.qweight"]["codec"]
         assert codec == ("int4" if weight_bits == 4 else "dense")
         loaded = load_compressed(path)
         assert_state_bit_equal(loaded, int8)
@@ -255,8 +265,8 @@ def test_pruned_4_bit_weights_are_a_bit_mask_plus_a_nibble_per_non_zero(tmp_path
     int8 = qat_int8(pruned_classifier(0.9), weight_bits=4)
     path = tmp_path / "w4_sparse.safetensors"
     written = save_compressed(int8, path)
-    weight = int8.net.fc1.weight
-    assert read_manifest(path)["tensors"]["net.fc1.weight"]["codec"] == "bitmask_int4"
+    weight = int8.net.fc1.qweight
+    assert read_manifest(path)["tensors"]["net.fc1.qweight"]["codec"] == "bitmask_int4"
     assert packed_nbytes(weight) == weight.numel() // 8 + (int(weight.count_nonzero()) + 1) // 2
     print(f"\n90%-sparse reference CNN, 4-bit weights: {written} B")
     loaded = load_compressed(path)
@@ -264,21 +274,120 @@ def test_pruned_4_bit_weights_are_a_bit_mask_plus_a_nibble_per_non_zero(tmp_path
         assert torch.equal(loaded(BATCH), int8(BATCH))
 
 
-def test_a_skeleton_must_already_have_the_int8_layers(saved_int8: tuple[nn.Module, Path]) -> None:
+def test_a_skeleton_that_already_has_the_int8_layers_keeps_them(saved_int8: tuple[nn.Module, Path]) -> None:
     int8, path = saved_int8
     skeleton = qat_int8(pruned_classifier(0.9, seed=5), seed=5)  # same structure, other weights
+    layers = {name: skeleton.get_submodule(name) for name in INT8_LAYERS}
     assert load_compressed(path, skeleton) is skeleton
+    assert all(skeleton.get_submodule(name) is layer for name, layer in layers.items())
     assert_state_bit_equal(skeleton, int8)
 
-    float_skeleton = ImageClassifier(image_size=28)
-    before = {k: v.clone() for k, v in float_skeleton.state_dict().items()}
-    with pytest.raises(
-        CompressedFileError,
-        match=rf"{path}: does not fit ImageClassifier \(nothing was loaded\): .*"
-        r"'net.conv1.weight' is int8\[32, 1, 3, 3\] in the file but float32\[32, 1, 3, 3\] in the model",
-    ):
-        load_compressed(path, float_skeleton)  # the module records are not applied to a skeleton
-    assert all(torch.equal(before[k], v) for k, v in float_skeleton.state_dict().items())
+
+def test_an_int8_export_loads_into_a_fresh_float_instance_of_the_users_class(
+    saved_int8: tuple[nn.Module, Path],
+) -> None:
+    """The recorded int8 layers are built and put in place of the skeleton's float layers, then the state dict is
+    loaded strictly: the user needs nothing but their model class."""
+    int8, path = saved_int8
+    skeleton = ImageClassifier(image_size=28)
+    assert load_compressed(path, skeleton) is skeleton and not skeleton.training
+    for name, cls in INT8_LAYERS.items():
+        assert type(skeleton.get_submodule(name)) is cls
+    assert_state_bit_equal(skeleton, int8)
+    with torch.no_grad():
+        assert torch.equal(bits(skeleton(BATCH)), bits(int8(BATCH)))
+
+
+class MyModel(nn.Module):
+    """A user's own class: a plain nn.Module, no ``save_hyperparameters``, so the file alone cannot rebuild it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1))
+        self.head = nn.Linear(8 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.features[1](self.features[0](x)).flatten(2)  # (N, 8, 16): a sequence for the Conv1d
+        return self.head(self.features[2](hidden).flatten(1))
+
+
+@pytest.mark.parametrize("activation_bits", [8, None], ids=["int8_activations", "weight_only"])
+def test_an_int8_export_of_a_plain_module_loads_into_its_fresh_class(
+    tmp_path: Path, activation_bits: int | None
+) -> None:
+    torch.manual_seed(0)
+    model = MyModel()
+    x = torch.randn(16, 1, 4, 4)
+    layers = QuantizationAwareTraining(weight_bits=8, activation_bits=activation_bits).prepare(model)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for layer in layers.values():
+        layer.enable_fake_quant()
+    int8 = convert_to_int8(model)
+    save_compressed(int8, tmp_path / "mine.safetensors")
+    with pytest.raises(CompressedFileError, match=r"cannot rebuild .*MyModel without a skeleton"):
+        load_compressed(tmp_path / "mine.safetensors")
+    loaded = load_compressed(tmp_path / "mine.safetensors", model=MyModel())
+    assert [type(loaded.features[0]), type(loaded.features[2]), type(loaded.head)] == [
+        Int8Conv2d, Int8Conv1d, Int8Linear
+    ]  # fmt: skip
+    assert_state_bit_equal(loaded, int8)
+    with torch.no_grad():
+        assert torch.equal(bits(loaded(x)), bits(int8(x)))
+
+
+def _without_fc1(model: ImageClassifier) -> ImageClassifier:
+    del model.net.fc1
+    return model
+
+
+def _identity_fc1(model: ImageClassifier) -> ImageClassifier:
+    model.net.fc1 = nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize(
+    ("skeleton", "match"),
+    [
+        (
+            lambda: ImageClassifier(image_size=8),  # fc1 takes 64 * 2 * 2 inputs: every tensor is recorded, so only
+            r"records module 'net.fc1' \(.*Int8Linear\) for a \[128, 3136\] weight, but the given ImageClassifier's"
+            r" Linear there has a \[128, 256\] weight; nothing was loaded",  # the layer's shape can tell
+        ),
+        (
+            lambda: ImageClassifier(num_classes=5),
+            r"records module 'net.fc2' \(.*Int8Linear\) for a \[10, 128\] weight, but the given ImageClassifier's"
+            r" Linear there has a \[5, 128\] weight",
+        ),
+        (
+            lambda: _without_fc1(ImageClassifier()),
+            r"records module 'net.fc1' \(.*Int8Linear\), which the given ImageClassifier does not have",
+        ),
+        (
+            lambda: _identity_fc1(ImageClassifier()),
+            r"records module 'net.fc1' \(.*Int8Linear\) in place of the given ImageClassifier's Identity, which holds"
+            r" no weight",
+        ),
+    ],
+    ids=["other_input_size", "other_class_count", "layer_missing", "not_a_layer"],
+)
+def test_a_float_skeleton_that_does_not_fit_is_refused_naming_the_layer_and_left_as_it_was(
+    saved_int8: tuple[nn.Module, Path],
+    no_state_is_loaded: list[nn.Module],
+    skeleton: Callable[[], nn.Module],
+    match: str,
+) -> None:
+    _, path = saved_int8
+    model = skeleton()
+    modules = dict(model.named_modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CompressedFileError, match=rf"^{path}: {match}"):
+        load_compressed(path, model)
+    assert dict(model.named_modules()) == modules  # no layer was put in place
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(bits(before[k]), bits(v)) for k, v in model.state_dict().items())
+    assert no_state_is_loaded == []
 
 
 def test_a_file_without_module_records_still_loads_into_a_skeleton(saved_int8: tuple[nn.Module, Path]) -> None:
@@ -325,6 +434,99 @@ def test_int8_layers_inside_sequential_and_module_lists_are_rebuilt(tmp_path: Pa
         assert torch.equal(loaded(x), int8(x))
 
 
+# ------------------------------------------------------------------------------- a QAT-trained model, as trained
+
+
+class LinearHeavy(LightningModule):
+    """An MLP on the 8x8 digits: nearly all of its bytes are Linear weights."""
+
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        layers = [nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        return nn.functional.cross_entropy(self(images), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.fixture
+def qat_trained(quiet_trainer_kwargs: dict[str, Any]) -> LinearHeavy:
+    """LinearHeavy after 12 steps of QuantizationAwareTraining (8-bit weights and activations from step 4)."""
+    pl.seed_everything(0)
+    model = LinearHeavy()
+    callback = QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_step=4, convert_at_fit_end=False)
+    pl.Trainer(max_steps=12, callbacks=[callback], **quiet_trainer_kwargs).fit(model, datamodule=DigitsDataModule())
+    assert [type(layer) for layer in model.net if isinstance(layer, QATLinear)] == [QATLinear] * 3
+    return model
+
+
+def test_save_compressed_of_a_qat_model_writes_the_file_of_its_int8_conversion(
+    qat_trained: LinearHeavy, tmp_path: Path
+) -> None:
+    """The same file, byte for byte, as ``save_compressed(convert_to_int8(model))``; it loads as the int8 model; and
+    the trained model is left as it was (its layers, their tensors, its training mode)."""
+    model = qat_trained.train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    layers = list(model.modules())
+    save_compressed(model, tmp_path / "as_trained.safetensors")
+    int8 = convert_to_int8(model)
+    save_compressed(int8, tmp_path / "converted.safetensors")
+    assert contents(tmp_path / "as_trained.safetensors") == contents(tmp_path / "converted.safetensors")
+
+    assert list(model.modules()) == layers and model.training
+    assert {name: bits(t) for name, t in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(bits(model.state_dict()[name]), bits(t)) for name, t in before.items())
+
+    loaded = load_compressed(tmp_path / "as_trained.safetensors", trusted_prefixes=[LinearHeavy.__module__])
+    assert [type(loaded.net[i]) for i in (1, 3, 5)] == [Int8Linear] * 3
+    assert_state_bit_equal(loaded, int8)
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(images), int8(images))
+
+
+def test_the_file_of_a_qat_model_is_under_0_3x_of_dense_and_its_bytes_are_what_the_monitor_reports(
+    qat_trained: LinearHeavy, tmp_path: Path
+) -> None:
+    model = qat_trained
+    path = tmp_path / "as_trained.safetensors"
+    save_compressed(model, path)
+    torch.save(LinearHeavy().state_dict(), tmp_path / "dense.pt")
+    ratio = path.stat().st_size / (tmp_path / "dense.pt").stat().st_size
+    print(f"\nQAT-trained LinearHeavy: save_compressed / dense torch.save = {ratio:.3f}")
+    assert ratio <= 0.3
+
+    # compress/bytes_compressed (monitor.measure.measure_model): each QAT layer's storage(), plus every other tensor
+    qat_layers = [module for module in model.modules() if isinstance(module, QATLinear)]
+    inside = {id(t) for layer in qat_layers for t in (*layer.parameters(), *layer.buffers())}
+    others = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in inside]
+    expected = sum(layer.storage().bytes_compressed for layer in qat_layers) + sum(packed_nbytes(t) for t in others)
+    file_data = path.stat().st_size - header_size(path)
+    assert file_data == expected == measure_model(model).bytes_compressed
+
+
+def test_a_qat_layer_that_does_not_quantize_yet_is_written_as_it_is(tmp_path: Path) -> None:
+    """Before ``start_step`` a QAT layer computes in float: the file holds its float weight and observer state (as
+    the monitor counts it), and loads into a QAT skeleton."""
+    model = nn.Sequential(nn.Linear(16, 8))
+    QuantizationAwareTraining(weight_bits=8, activation_bits=8).prepare(model)
+    model(torch.randn(4, 16))
+    save_compressed(model, tmp_path / "observing.safetensors")
+    manifest = read_manifest(tmp_path / "observing.safetensors")
+    assert "modules" not in manifest and manifest["tensors"]["0.weight"]["meta"]["dtype"] == "float32"
+    skeleton = nn.Sequential(nn.Linear(16, 8))
+    QuantizationAwareTraining(weight_bits=8, activation_bits=8).prepare(skeleton)
+    assert_state_bit_equal(load_compressed(tmp_path / "observing.safetensors", skeleton), model)
+
+
 # ------------------------------------------------------------------------------------ forged or damaged records
 
 
@@ -350,14 +552,22 @@ def _args(name: str, **changes: Any) -> Callable[[dict[str, Any]], None]:
         (_rename("net.fc1", "net.fc1 "), r"module record name 'net.fc1 ' is not a dotted attribute path"),
         (_args("net.fc1", in_features="many"), r"could not rebuild module 'net.fc1' as .*Int8Linear\(\*\*"),
         (_args("net.conv1", stride_x=[1, 1]), r"could not rebuild module 'net.conv1' as .*unexpected keyword"),
-        (_args("net.fc1", in_features=7), r"does not fit ImageClassifier .*'net.fc1.weight' is int8\[128, 3136\]"),
+        (
+            _args("net.fc1", in_features=7),
+            r"records module 'net.fc1' \(.*Int8Linear\) for a \[128, 7\] weight, but the rebuilt ImageClassifier's"
+            r" Linear there has a \[128, 3136\] weight",
+        ),
         (_set("net.fc1", args=None), r"cannot rebuild module 'net.fc1' \(.*Int8Linear\) without a skeleton"),
         (_set("net.fc1", qualname="Int8 Linear"), r"recorded class .*'Int8 Linear' for module 'net.fc1' is not a"),
         (_set("net.fc1", qualname="Int8Nothing"), r"Int8Nothing for module 'net.fc1', which cannot be imported"),
         (_set("net.fc1", qualname="QuantSpec"), r"QuantSpec for module 'net.fc1', which is not a torch.nn.Module"),
         (lambda m: m["modules"].__setitem__("net.fc1", [1, 2]), r"its record for module 'net.fc1' is not a JSON"),
         (lambda m: m.__setitem__("modules", ["net.fc1"]), r"its manifest `modules` is not a JSON object"),
-        (lambda m: m["modules"].pop("net.fc1"), r"does not fit ImageClassifier .*'net.fc1.weight' is int8"),
+        (
+            lambda m: m["modules"].pop("net.fc1"),
+            r"does not fit ImageClassifier .*the file has 4 tensor\(s\) the model lacks: 'net.fc1.input_scale',"
+            r" 'net.fc1.input_zero_point', 'net.fc1.qweight', 'net.fc1.weight_scale'",
+        ),
     ],
     ids=[
         "unknown_name",

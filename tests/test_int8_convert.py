@@ -135,7 +135,7 @@ def test_weights_are_integers_in_the_trained_bit_width_and_pruned_zeros_stay_zer
         model[0].weight[:, ::3] = 0.0
     x = torch.randn(32, 64)
     int8 = convert_to_int8(calibrated(model, x, weight_bits=4))
-    weight = int8[0].weight
+    weight = int8[0].qweight
     assert weight.dtype == torch.int8
     assert int(weight.abs().max()) == 7  # 4-bit symmetric: -7..7, and the largest weight of a row maps to 7
     zero = model[0].weight == 0
@@ -244,7 +244,7 @@ def test_fit_end_keeps_an_int8_copy_that_agrees_with_the_trained_model(
     assert (tmp_path / "q.lc").stat().st_size > 0
     float_zero = model.net.fc1.weight.detach() == 0
     assert float_zero.float().mean() > 0.75
-    assert bool((int8.net.fc1.weight[float_zero] == 0).all())
+    assert bool((int8.net.fc1.qweight[float_zero] == 0).all())
     images = torch.cat([batch[0] for batch in data.val_dataloader()])
     with torch.no_grad():
         model.eval()

@@ -168,7 +168,8 @@ def test_include_matching_nothing_is_refused_before_any_step(quiet_trainer_kwarg
     trainer = pl.Trainer(
         max_steps=5, callbacks=[QuantizationAwareTraining(include=["net.fc9"])], **quiet_trainer_kwargs
     )
-    with pytest.raises(ValueError, match=r"`include` pattern 'net.fc9' matches no Linear/Conv1d/Conv2d module"):
+    types = "Linear/Conv1d/Conv2d/LowRankLinear/LowRankConv2d/transformers Conv1D"
+    with pytest.raises(ValueError, match=rf"`include` pattern 'net.fc9' matches no {types} module"):
         trainer.fit(ImageClassifier(image_size=8), datamodule=DigitsDataModule())
     assert trainer.global_step == 0
 

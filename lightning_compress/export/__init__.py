@@ -17,14 +17,23 @@ The file's size is the safetensors header plus exactly ``sum(packed_nbytes(t))``
 
 ``modules`` (optional: absent in older files and when there is nothing to record) lists the submodules whose class
 is defined under ``lightning_compress.`` and is :class:`lightning_compress.protocol.Rebuildable` (the int8 layers
-``convert_to_int8`` puts in place of the float ones, the low-rank layers), with their ``rebuild_args()``:
-``load_compressed`` without a skeleton rebuilds the model class, then puts ``cls(**args)`` at each of those names, so
-an int8 model loads from the file alone. A module whose arguments do not survive JSON is recorded with
-``"args": null`` and ``"not_rebuildable": "why"``.
+``convert_to_int8`` puts in place of the float ones, the low-rank layers), with their ``rebuild_args()``. Each is
+put in place as ``cls(**args)`` at its qualified name before the state dict is loaded strictly: into the model
+rebuilt from the ``model`` record when no skeleton is given, or into the caller's skeleton, so an int8 or low-rank
+export loads into a fresh float instance of the user's own class (``load_compressed(path, model=MyModel())``). The
+skeleton's layer at that name must exist and hold a dense weight of the recorded layer's shape; one that already is
+the recorded layer is kept. A module whose arguments do not survive JSON is recorded with ``"args": null`` and
+``"not_rebuildable": "why"``.
+
+What is written is the model as it will run: a layer with an export form (:class:`.swap.ExportsAs`) is written as
+that form, so a QAT layer that fake-quantizes is stored as its int8 layer (an ``Int8Linear``'s integers are its
+``qweight``, ``net.fc1.qweight``), and the file of a QAT-trained model is the file of ``convert_to_int8(model)``.
+The model passed in is not changed.
 
 Who owns what: :mod:`.write` (``save_compressed``, the atomic write), :mod:`.manifest` (the records, encoding and
 validation of the manifest), :mod:`.read` (header checks, decoding, ``load_compressed``), :mod:`.rebuild` (trusted
-prefixes, imports, rebuilding the model and its recorded modules), :mod:`.errors`.
+prefixes, imports, rebuilding the model and its recorded modules), :mod:`.swap` (layers put in place by name: the
+export view of a model, the recorded modules in a skeleton), :mod:`.errors`.
 """
 
 from lightning_compress.export.errors import CompressedFileError

@@ -18,7 +18,8 @@ from torch import nn
 
 from lightning_compress.export.errors import fail, listed
 from lightning_compress.export.manifest import part_keys, read_manifest, sha256
-from lightning_compress.export.rebuild import check_prefixes, rebuild_model, replace_modules
+from lightning_compress.export.rebuild import check_prefixes, rebuild_model, recorded_modules
+from lightning_compress.export.swap import place, swapped
 from lightning_compress.packing import PackingError, dtype_name, meta_shape_dtype, unpack
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -32,13 +33,18 @@ def load_compressed(
 ) -> nn.Module:
     """Read a file written by :func:`save_compressed`; return the model in eval mode, ready for inference.
 
-    With ``model`` (a skeleton of the same architecture), every key, shape and dtype is checked before anything is
-    copied into it: on any error the skeleton is left as it was. Without ``model`` the class recorded in the file is
-    rebuilt from its recorded init arguments, and the submodules the file records (int8 layers) are put in place,
-    each built from its recorded arguments; a class is imported only when its path starts with
-    ``lightning_compress.`` or one of ``trusted_prefixes`` (so a file cannot make this process import arbitrary
-    code). A skeleton must already have the saved structure (int8 layers included); the file's module records are
-    not applied to it.
+    The model is ``model`` (a skeleton: a fresh instance of the saved model's class, built with the same arguments)
+    or, without one, the class recorded in the file rebuilt from its recorded init arguments. Either way the
+    submodules the file records (the int8 layers ``convert_to_int8`` or a QAT export put in place of the float ones,
+    the low-rank layers) are each built from their recorded arguments and put in place at their qualified names,
+    where the skeleton's own layer must exist and hold a dense weight of the same shape; a skeleton layer that
+    already is the recorded class with the recorded arguments is kept. Then the state dict is loaded strictly. So
+    an int8 or low-rank export loads into a fresh float ``MyModel()``.
+
+    Every key, shape and dtype is checked before anything is put into or copied into a skeleton: on any error
+    (a missing or misshapen layer, a tensor that does not fit) the skeleton is left as it was, and the message
+    names the layer or tensor. A class is imported only when its path starts with ``lightning_compress.`` or one of
+    ``trusted_prefixes`` (so a file cannot make this process import arbitrary code).
     """
     trusted = check_prefixes(trusted_prefixes)
     if model is not None and not isinstance(model, nn.Module):
@@ -47,13 +53,13 @@ def load_compressed(
     header = _read_header(source)
     manifest = read_manifest(source, header)
     _check_parts(source, header, manifest["tensors"])
-    if model is None:
-        model = rebuild_model(source, manifest["model"], trusted)
-        replace_modules(source, manifest.get("modules", {}), model, trusted)
-    _check_against(source, manifest["tensors"], model)
+    target = model if model is not None else rebuild_model(source, manifest["model"], trusted)
+    replacements = recorded_modules(source, manifest.get("modules", {}), target, trusted, given=model is not None)
+    _check_against(source, manifest["tensors"], swapped(target, replacements) if replacements else target)
     state = _decode(source, manifest["tensors"])
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    place(target, replacements)
+    target.load_state_dict(state, strict=True)
+    return target.eval()
 
 
 def _read_header(source: Path) -> dict[str, Any]:

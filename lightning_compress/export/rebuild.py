@@ -1,4 +1,4 @@
-"""Rebuilding a model from its file alone: trusted prefixes, guarded imports, the model and its recorded modules.
+"""Rebuilding a model from its file: trusted prefixes, guarded imports, the model and its recorded modules.
 
 A file names classes; this module imports one only when its path starts with ``lightning_compress.`` or one of the
 caller's ``trusted_prefixes``, so a file cannot make this process import arbitrary code. Every record is validated
@@ -13,10 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_compress.export.errors import fail
 from lightning_compress.export.manifest import BUILTIN_TRUSTED_PREFIX
+from lightning_compress.export.swap import place
+from lightning_compress.protocol import Rebuildable, dense_weight_shape
 
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _MODULE_NAME = re.compile(r"\w+(\.\w+)*")  # named_modules() names: nn.Sequential / ModuleList children are digits
@@ -65,10 +68,17 @@ def rebuild_model(source: Path, record: dict[str, Any], trusted: tuple[str, ...]
         ) from err
 
 
-def replace_modules(source: Path, records: Any, model: nn.Module, trusted: tuple[str, ...]) -> None:
-    """Put ``cls(**args)`` at every name ``records`` (the manifest's ``modules``) lists, in the rebuilt ``model``.
+def recorded_modules(
+    source: Path, records: Any, model: nn.Module, trusted: tuple[str, ...], *, given: bool
+) -> dict[str, nn.Module]:
+    """``{name: cls(**args)}`` for the modules ``records`` (the manifest's ``modules``) puts into ``model``, each
+    checked to stand in for the layer it replaces; ``model`` itself is not changed (``swap.place`` does that).
 
-    Every record is validated and trusted before anything is imported; parents are replaced before their children.
+    Every record is validated and trusted before anything is imported; parents come before their children, and a
+    recorded module inside another recorded one is put into that (new) module here rather than returned. A layer of
+    ``model`` that already is the recorded class with the recorded arguments is kept. The layer a record replaces
+    must exist and have a dense weight of the recorded module's shape (``protocol.dense_weight_shape``); the new
+    module goes to that layer's device. ``given``: ``model`` is the caller's skeleton (else rebuilt from the file).
     """
     if not isinstance(records, dict):
         raise fail(source, f"is corrupted: its manifest `modules` is not a JSON object, got {records!r}.")
@@ -94,17 +104,23 @@ def replace_modules(source: Path, records: Any, model: nn.Module, trusted: tuple
             )
         _check_trusted(source, module, qualname, trusted, subject)
         checked.append((name, module, qualname, args))
+    what = f"the {'given' if given else 'rebuilt'} {type(model).__name__}"
+    swaps: dict[str, nn.Module] = {}
     for name, module, qualname, args in checked:
         cls = _import_module_class(source, module, qualname, f" for module {name!r}")
-        parent_name, _, child = name.rpartition(".")
-        try:
-            model.get_submodule(name)  # raises unless every step of `name` is a submodule
+        outer = next((n for n in reversed(swaps) if name.startswith(f"{n}.")), None)  # a new module holds it
+        try:  # raises unless every step of `name` is a submodule
+            original = (
+                model.get_submodule(name) if outer is None else swaps[outer].get_submodule(name[len(outer) + 1 :])
+            )
         except AttributeError as err:
             raise fail(
                 source,
-                f"records module {name!r} ({module}.{qualname}), which the rebuilt {type(model).__name__} does not"
-                f" have ({err}); nothing was loaded. HINT: pass a skeleton with model=...",
+                f"records module {name!r} ({module}.{qualname}), which {what} does not have ({err}); nothing was"
+                " loaded. HINT: pass a skeleton of the saved model's class, built with its arguments: model=...",
             ) from None
+        if type(original) is cls and isinstance(original, Rebuildable) and original.rebuild_args() == args:
+            continue
         try:
             replacement = cls(**args)
         except Exception as err:
@@ -113,7 +129,43 @@ def replace_modules(source: Path, records: Any, model: nn.Module, trusted: tuple
                 f"could not rebuild module {name!r} as {module}.{qualname}(**{args}): {type(err).__name__}: {err};"
                 " nothing was loaded. HINT: pass a skeleton with model=...",
             ) from err
-        setattr(model.get_submodule(parent_name), child, replacement)
+        _check_stands_in(source, f"module {name!r} ({module}.{qualname})", original, replacement, what)
+        replacement = replacement.to(_device_of(original))
+        if outer is None:
+            swaps[name] = replacement
+        else:
+            place(swaps[outer], {name[len(outer) + 1 :]: replacement})
+    return swaps
+
+
+def _check_stands_in(source: Path, subject: str, original: nn.Module, replacement: nn.Module, what: str) -> None:
+    """A recorded module that stands for a dense weight must replace a layer whose weight has that shape."""
+    try:
+        want = dense_weight_shape(replacement)
+    except TypeError:
+        return  # it stands for no weight: the check of the state dict against the file is all there is
+    try:
+        have = dense_weight_shape(original)
+    except TypeError:
+        raise fail(
+            source,
+            f"records {subject} in place of {what}'s {type(original).__name__}, which holds no weight it could stand"
+            " for; nothing was loaded. HINT: pass a skeleton of the saved model's class, built with its arguments.",
+        ) from None
+    if tuple(have) != tuple(want):
+        raise fail(
+            source,
+            f"records {subject} for a {list(want)} weight, but {what}'s {type(original).__name__} there has a"
+            f" {list(have)} weight; nothing was loaded. HINT: pass a skeleton of the saved model's class, built with"
+            " the arguments it was saved with.",
+        )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where ``module``'s tensors live (CPU when it has none, or only meta tensors)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return torch.device("cpu") if tensor.is_meta else tensor.device
+    return torch.device("cpu")
 
 
 def _is_dotted(value: Any) -> bool:

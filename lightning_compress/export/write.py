@@ -23,11 +23,17 @@ from lightning_compress.export.manifest import (
     part_key,
     sha256,
 )
+from lightning_compress.export.swap import export_view
 from lightning_compress.packing import pack
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> int:
     """Write ``model``'s weights, packed, to one safetensors file at ``path``; return the bytes written.
+
+    A layer with an export form is written as that form: a QAT layer that fake-quantizes as its int8 layer, so the
+    file of a QAT-trained model is the file of ``convert_to_int8(model)`` (and loads as the int8 model), and its size
+    is what the monitor's ``compress/bytes_compressed`` reports. ``model`` itself is not changed (the conversion is
+    made layer by layer, for the file only); a QAT layer that does not fake-quantize yet is written as it is.
 
     The file is written to a temporary file in the same folder and moved into place, so ``path`` holds either the
     previous file, untouched, or the complete new one. An existing ``path`` is refused unless ``overwrite=True``.
@@ -38,7 +44,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, overwrite
         raise TypeError(f"`model` must be a torch.nn.Module (a LightningModule is one), got {type(model).__name__}.")
     target = Path(os.fspath(path))
     _check_target(target, overwrite)
-    state = full_state_dict(model)  # collective under ZeRO-3: before any rank-dependent branch
+    stored = export_view(model)  # collective under ZeRO-3, as is the state dict: before any rank-dependent branch
+    state = full_state_dict(stored)
     if not _is_writer():
         return 0
     parts: dict[str, torch.Tensor] = {}
@@ -56,7 +63,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, overwrite
             entry["sha256"][part] = sha256(value)
         tensors[name] = entry
     manifest = {"format": FORMAT, "version": VERSION, "model": model_record(model), "tensors": tensors}
-    modules = module_records(model)
+    modules = module_records(stored)
     if modules:
         manifest["modules"] = modules
     return _write_atomic(target, parts, encode_metadata(manifest), overwrite)

@@ -2,6 +2,7 @@
 convert to int8 layers that run integer kernels."""
 
 from lightning_compress.quantization.callback import QuantizationAwareTraining
+from lightning_compress.quantization.conv1d import Int8Conv1D, QATConv1D
 from lightning_compress.quantization.convert import convert_to_int8
 from lightning_compress.quantization.fake_quant import (
     QuantSpec,
@@ -16,11 +17,13 @@ from lightning_compress.quantization.layers import QATConv1d, QATConv2d, QATLine
 from lightning_compress.quantization.observers import MinMaxObserver, MovingAverageObserver
 
 __all__ = [
+    "Int8Conv1D",
     "Int8Conv1d",
     "Int8Conv2d",
     "Int8Linear",
     "MinMaxObserver",
     "MovingAverageObserver",
+    "QATConv1D",
     "QATConv1d",
     "QATConv2d",
     "QATLinear",

@@ -1,5 +1,5 @@
-"""QuantizationAwareTraining: fake-quantize Linear/Conv1d/Conv2d weights (and optionally their inputs) while
-training, then convert to a model with int8 layers that run integer kernels."""
+"""QuantizationAwareTraining: fake-quantize Linear/Conv1d/Conv2d and transformers Conv1D weights (and optionally
+their inputs) while training, then convert to a model with int8 layers that run integer kernels."""
 
 from __future__ import annotations
 
@@ -13,17 +13,27 @@ from typing_extensions import override
 from lightning_compress import arguments, composition, distributed, events, teardown
 from lightning_compress._lightning import Callback, pl, rank_zero_info
 from lightning_compress.export import save_compressed
+from lightning_compress.lowrank.layers import LowRankConv1D, LowRankConv2d, LowRankLinear
+from lightning_compress.quantization.conv1d import QATConv1D
 from lightning_compress.quantization.convert import convert_to_int8
 from lightning_compress.quantization.fake_quant import QuantSpec
 from lightning_compress.quantization.layers import QATConv1d, QATConv2d, QATLinear, _QATBase
-from lightning_compress.targeting import Targeting
+from lightning_compress.quantization.lowrank_qat import QATLowRankConv1D, QATLowRankConv2d, QATLowRankLinear
+from lightning_compress.targeting import Targeting, weight_is_transposed
 
-QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, LowRankLinear, LowRankConv2d)
+"""Also transformers' Conv1D (see targeting); a low-rank layer's factors are quantized (LowRankConv1D included)."""
+_QAT_LOW_RANK: dict[type[nn.Module], Any] = {
+    LowRankLinear: QATLowRankLinear,
+    LowRankConv2d: QATLowRankConv2d,
+    LowRankConv1D: QATLowRankConv1D,
+}
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class QuantizationAwareTraining(composition.Composable, Callback):
-    """Swap the targeted Linear/Conv1d/Conv2d layers for QAT layers at ``setup`` and fake-quantize them on a schedule.
+    """Swap the targeted Linear/Conv1d/Conv2d layers (and transformers' Conv1D: GPT-2) for QAT layers at ``setup``
+    and fake-quantize them on a schedule.
 
     Before ``start_step`` the layers only observe (calibration warm-up: weight ranges per output channel, input
     ranges by moving average); from ``start_step`` on, forward uses fake-quantized values with a straight-through
@@ -39,13 +49,14 @@ class QuantizationAwareTraining(composition.Composable, Callback):
         freeze_observers_step: step from which the ranges stop updating (``None``: never), >= ``start_step``.
         freeze_bn_step: step from which BatchNorm layers use frozen running statistics (``None``: never).
         include: regular expressions (whole qualified names) of the layers to quantize; default every
-            Linear/Conv1d/Conv2d.
+            Linear/Conv1d/Conv2d and transformers Conv1D (tied weights are left out: GPT-2's ``lm_head``).
         exclude: regular expressions of layers to keep in float.
         convert_at_fit_end: at the end of ``fit``, keep an int8 copy of the model in :attr:`int8_model` (see
             :func:`~lightning_compress.convert_to_int8`); the trained model itself stays a QAT model. Skipped under
             ZeRO-3 (convert the consolidated checkpoint instead).
-        weight_group_size: Linear weights get one scale per group of this many consecutive input weights instead of
-            one per output channel (finer ranges, for 4-bit weights); it must divide each Linear's input features.
+        weight_group_size: Linear and Conv1D weights get one scale per group of this many consecutive input weights
+            instead of one per output channel (finer ranges, for 4-bit weights); it must divide each such layer's
+            input features.
             Grouped layers convert to int8 weights that compute in float (no integer kernel takes group scales).
         learnable_scales: LSQ (Esser et al., 2020): the weight and input scales become Parameters that start from the
             observers' values at ``start_step`` and then learn with the model (keep them out of weight decay).
@@ -104,12 +115,12 @@ class QuantizationAwareTraining(composition.Composable, Callback):
         self.learnable_scales = arguments.flag("learnable_scales", learnable_scales)
         self.export_path = None if export_path is None else Path(os.fspath(export_path))
         self.int8_model: nn.Module | None = None
-        self.targeting = Targeting.from_arguments(include, exclude, layer_types=QUANTIZABLE)
+        self.targeting = Targeting.from_arguments(include, exclude, layer_types=QUANTIZABLE, transformers_conv1d=True)
         self.weight_spec = QuantSpec(bits=weight_bits, symmetric=True, per_channel=True, channel_axis=0)
         self.activation_spec = (
             None if activation_bits is None else QuantSpec(bits=activation_bits, symmetric=False, per_channel=False)
         )
-        self.layers: dict[str, _QATBase] = {}
+        self.layers: dict[str, nn.Module] = {}  # QAT layers, and QAT low-rank layers
         self._batch_norms: list[nn.Module] = []  # found once at setup, re-frozen every step once frozen
         self._applied: tuple[bool, bool, bool] | None = None  # (fake quant, observers, BN frozen) last set
 
@@ -171,8 +182,22 @@ class QuantizationAwareTraining(composition.Composable, Callback):
             layers[name] = getattr(parent, child)
         return layers
 
-    def swap(self, module: nn.Module) -> _QATBase:
+    def swap(self, module: nn.Module) -> nn.Module:
         """The QAT layer that replaces ``module`` (sharing its Parameters). Override to support more layer types."""
+        factorised = _QAT_LOW_RANK.get(type(module))
+        if factorised is not None:  # LowRankRefactoring acted first: quantize its factors (and the rank mask holds)
+            if self.weight_group_size is not None:
+                raise ValueError(
+                    "`weight_group_size` does not apply to low-rank factors. HINT: exclude the factorised layers"
+                    " from this callback, or set weight_group_size=None."
+                )
+            return factorised.from_lowrank(
+                module, self.weight_spec, self.activation_spec, learnable_scales=self.learnable_scales
+            )
+        if weight_is_transposed(module):  # transformers' Conv1D, weight (in, out)
+            return QATConv1D.from_conv1d(
+                module, self.weight_spec, self.activation_spec, self.weight_group_size, self.learnable_scales
+            )
         if isinstance(module, nn.Conv2d):
             return QATConv2d.from_conv(module, self.weight_spec, self.activation_spec, self.learnable_scales)
         if isinstance(module, nn.Conv1d):
@@ -198,14 +223,19 @@ class QuantizationAwareTraining(composition.Composable, Callback):
         ranks quantize alike. DDP's buffer broadcast would keep rank 0's alone; DeepSpeed broadcasts nothing."""
         if self._applied is None or not self._applied[1]:
             return
-        observers = [layer.input_observer for layer in self.layers.values() if layer.input_observer is not None]
+        observers = [
+            observer
+            for layer in self.layers.values()
+            for observer in (layer.input_observer, getattr(layer, "hidden_observer", None))  # between two factors
+            if observer is not None
+        ]
         distributed.all_reduce_extrema_([o.min_val for o in observers], [o.max_val for o in observers])
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.convert_at_fit_end or not self.layers:
             return
-        if any(distributed.is_zero3_partitioned(layer.weight) for layer in self.layers.values()):
+        if any(distributed.is_zero3_partitioned(p) for layer in self.layers.values() for p in layer.parameters()):
             rank_zero_info(
                 "QuantizationAwareTraining: the weights are ZeRO-3 partitioned, so no int8 model is made at fit end."
                 " Load the consolidated checkpoint into the model and call lightning_compress.convert_to_int8."

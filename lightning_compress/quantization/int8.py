@@ -1,10 +1,18 @@
 """Int8 inference layers: what a QAT layer becomes after :func:`~lightning_compress.quantization.convert_to_int8`.
 
-Each layer holds its weight as integers (``int8`` buffer ``weight``, values inside the trained bit width), one float32
-scale per output channel (``weight_scale``), the float bias, and, when activations were quantized, the input's scale
-and zero point (``input_scale``, ``input_zero_point``). Forward quantizes the input with that scale (the arithmetic
-fake quantization used in training) and runs oneDNN's integer kernel (see :mod:`.kernels`), so the converted model
-computes what the QAT model computed in eval mode, up to float rounding, and pruned weights are integer zeros.
+Each layer stores its weight as integers (``int8`` buffer ``qweight``, values inside the trained bit width), one
+float32 scale per output channel or group (``weight_scale``), the float bias, and, when activations were quantized,
+the input's scale and zero point (``input_scale``, ``input_zero_point``). Forward quantizes the input with that scale
+(the arithmetic fake quantization used in training) and runs oneDNN's integer kernel (see :mod:`.kernels`), so the
+converted model computes what the QAT model computed in eval mode, up to float rounding, and pruned weights are
+integer zeros.
+
+A drop-in for the float layer (DESIGN principle 9): ``weight`` is the float weight the integers stand for (a
+read-only property of the dense shape, in the float dtype of ``weight_scale``, on the buffers' device), so model code
+that reads ``layer.weight`` or casts inputs with ``x.to(layer.weight.dtype)`` (ViT's patch embedding) keeps working;
+``in_features``/``out_features`` or the conv geometry, ``bias`` and ``extra_repr`` are those of the float layer.
+oneDNN's packed weight is a cache outside the module's state: ``copy.deepcopy``, pickling (``torch.save`` of the
+module) and ``.to()`` leave it behind, and the next forward packs again.
 
 Weight-only layers (``activation_bits=None``) store int8 weights but compute in float: smaller, not faster.
 The constructors take only JSON-able arguments, so ``save_compressed`` can record and rebuild these layers.
@@ -28,7 +36,7 @@ __all__ = ["Int8Conv1d", "Int8Conv2d", "Int8Linear"]
 
 
 class _Int8Base(nn.Module):
-    weight: torch.Tensor
+    qweight: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
     input_scale: torch.Tensor
@@ -42,7 +50,7 @@ class _Int8Base(nn.Module):
             None if activation_bits is None else QuantSpec(bits=activation_bits, symmetric=False, per_channel=False)
         )
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
-        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("qweight", torch.zeros(weight_shape, dtype=torch.int8))
         scales = weight_shape[0] if self.group_size is None else math.prod(weight_shape) // self.group_size
         self.register_buffer("weight_scale", torch.ones(scales))
         self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
@@ -56,7 +64,7 @@ class _Int8Base(nn.Module):
         scale, zero_point = layer.weight_qparams()
         with torch.no_grad():
             grouped = layer.grouped(layer.weight.detach())
-            self.weight.copy_(quantize(grouped, scale, zero_point, self.weight_spec).reshape(self.weight.shape))
+            self.qweight.copy_(quantize(grouped, scale, zero_point, self.weight_spec).reshape(self.qweight.shape))
             self.weight_scale.copy_(scale)
             if self.bias is not None:
                 self.bias.copy_(layer.bias.detach())
@@ -68,17 +76,29 @@ class _Int8Base(nn.Module):
     def float_weight(self) -> torch.Tensor:
         """The float32 weight the integers stand for (one scale per output channel, or per group)."""
         if self.group_size is None:
-            return kernels.dequantized_weight(self.weight, self.weight_scale)
-        grouped = self.weight.reshape(-1, self.group_size)
-        return kernels.dequantized_weight(grouped, self.weight_scale).reshape(self.weight.shape)
+            return kernels.dequantized_weight(self.qweight, self.weight_scale)
+        grouped = self.qweight.reshape(-1, self.group_size)
+        return kernels.dequantized_weight(grouped, self.weight_scale).reshape(self.qweight.shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the integers stand for, as a float layer's ``weight``: the dense shape, the float dtype
+        of the layer (``weight_scale``'s: float32 unless the model was cast), on the buffers' device. A new tensor at
+        each read, not a Parameter: edit the integers (``qweight``) and scales to change the layer."""
+        return self.float_weight().to(self.weight_scale.dtype)
+
+    def dense_weight_shape(self) -> tuple[int, ...]:
+        """The shape of the dense weight this layer stands for (read without dequantizing)."""
+        return tuple(self.qweight.shape)
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        scale, zero_point = self.input_scale, self.input_zero_point
-        return quantize(x, scale, zero_point, self.activation_spec), float(scale), int(zero_point)
+        """The input's integers (rounded in float32, whatever the model's dtype), its scale and zero point."""
+        scale, zero_point = self.input_scale.float(), self.input_zero_point
+        return quantize(x.float(), scale, zero_point, self.activation_spec), float(scale), int(zero_point)
 
     def _cached_pack(self, make: Any) -> torch.Tensor:
         """oneDNN's packed weight, re-made only when a buffer it depends on changed (``load_state_dict``, edits)."""
-        tensors = [self.weight, self.weight_scale]
+        tensors = [self.qweight, self.weight_scale]
         if self.activation_spec is not None:
             tensors += [self.input_scale, self.input_zero_point]
         key = tuple((t.data_ptr(), t._version) for t in tensors)
@@ -86,18 +106,30 @@ class _Int8Base(nn.Module):
             self._packed = (key, make())
         return self._packed[1]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The state ``copy.deepcopy`` and pickle copy: without oneDNN's packed weight (an opaque tensor that has no
+        storage to copy); the copy packs its own at its first forward."""
+        state = super().__getstate__()
+        state["_packed"] = None
+        return state
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _Int8Base:
+        """``.to()``, ``.cuda()``, ``.half()``...: the buffers move, and the packed weight is packed again from them."""
+        self._packed = None
+        return super()._apply(fn, recurse)
+
     def storage(self) -> LayerStorage:
         """Weight and bias as parameters (dense: at fp32); bytes as ``save_compressed`` writes the buffers."""
-        tensors = [self.weight] + ([] if self.bias is None else [self.bias])
+        tensors = [self.qweight] + ([] if self.bias is None else [self.bias])
         params = sum(t.numel() for t in tensors)
         nonzeros = sum(int(torch.count_nonzero(t)) for t in tensors)
         return LayerStorage(params, nonzeros, 4 * params, sum(packed_nbytes(b) for b in self.buffers()))
 
     def compression_figures(self) -> LayerFigures:
         """``bits`` is the weight width; FLOPs count non-zero weights (integer arithmetic is reported via bits)."""
-        shape = tuple(self.weight.shape)
-        total = self.weight.numel()
-        nonzeros = int(torch.count_nonzero(self.weight))
+        shape = tuple(self.qweight.shape)
+        total = self.qweight.numel()
+        nonzeros = int(torch.count_nonzero(self.qweight))
         return LayerFigures(
             weight_shape=shape,
             params_dense=total,
@@ -151,10 +183,12 @@ class Int8Linear(_Int8Base):
             return F.linear(x, self.float_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         q, scale, zero_point = self._quantized_input(x)
         if self.group_size is None and kernels.onednn_available(x.device):
-            packed = self._cached_pack(lambda: kernels.prepack_linear(self.weight))
+            packed = self._cached_pack(lambda: kernels.prepack_linear(self.qweight))
             out = kernels.linear_u8s8(q, scale, zero_point, packed, self.weight_scale, self.bias)
         else:
-            out = F.linear(kernels.dequantized_input(q, scale, zero_point), self.float_weight(), self.bias)
+            out = F.linear(
+                kernels.dequantized_input(q, scale, zero_point), self.float_weight(), kernels.as_float32(self.bias)
+            )
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -168,6 +202,8 @@ class Int8Linear(_Int8Base):
 
 class Int8Conv2d(_Int8Base):
     """``nn.Conv2d`` (zero padding) with an int8 weight (per output channel scales) and a per-tensor quantized input."""
+
+    padding_mode = "zeros"  # the only one the QAT convolutions take (as nn.Conv2d's attribute)
 
     def __init__(
         self,
@@ -214,17 +250,18 @@ class Int8Conv2d(_Int8Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_spec is None:
-            weight = kernels.dequantized_weight(self.weight, self.weight_scale).to(x.dtype)
+            weight = kernels.dequantized_weight(self.qweight, self.weight_scale).to(x.dtype)
             return self._float_conv(x, weight, None if self.bias is None else self.bias.to(x.dtype))
         q, scale, zero_point = self._quantized_input(x)
         padding = self._onednn_padding
         batched = x.dim() == len(self.kernel_size) + 2
         if padding is None or not batched or not kernels.onednn_available(x.device):
-            weight = kernels.dequantized_weight(self.weight, self.weight_scale)
-            return self._float_conv(kernels.dequantized_input(q, scale, zero_point), weight, self.bias).to(x.dtype)
+            weight = kernels.dequantized_weight(self.qweight, self.weight_scale)
+            inputs = kernels.dequantized_input(q, scale, zero_point)
+            return self._float_conv(inputs, weight, kernels.as_float32(self.bias)).to(x.dtype)
         # Conv1d runs as a Conv2d of height 1: (N, C, L) -> (N, C, 1, L), geometry (1, s), (0, p), (1, d).
         flat = len(self.kernel_size) == 1
-        weight = self.weight.unsqueeze(2) if flat else self.weight
+        weight = self.qweight.unsqueeze(2) if flat else self.qweight
         stride, padding, dilation = ((1, *self.stride), (0, *padding), (1, *self.dilation)) if flat else (
             self.stride, padding, self.dilation)  # fmt: skip
         packed = self._cached_pack(
@@ -238,11 +275,17 @@ class Int8Conv2d(_Int8Base):
         return (out.squeeze(2) if flat else out).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
-            f" padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
-            + self._bits_repr()
-        )
+        """The float convolution's own repr (defaults left out, as torch writes it), then the bit widths."""
+        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"]
+        if self.padding != (0,) * len(self.padding):
+            parts.append(f"padding={self.padding}")
+        if self.dilation != (1,) * len(self.dilation):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.bias is None:
+            parts.append("bias=False")
+        return ", ".join([*parts, self._bits_repr()])
 
 
 class Int8Conv1d(Int8Conv2d):

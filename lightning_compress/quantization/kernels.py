@@ -2,9 +2,10 @@
 
 Which kernels, and why: ``torch.ops.onednn.qlinear_pointwise`` / ``qconv2d_pointwise`` take plain ``uint8`` inputs,
 ``int8`` weights and float scales (no quantized tensor types, which torch 2.13 deprecates), accumulate in int32 and
-return float32 with the bias added. They are the kernels torchao's x86 PT2E lowering targets, and they compute exactly
-what fake quantization simulated: ``(q_x - z_x) * s_x`` times ``q_w * s_w``, summed in integers. The deprecated
-``torch.ao.quantization`` workflow is not used. Everything version-specific about these ops is in this file.
+return float32 with the bias added (scales and bias go in as float32, also from a model cast to another float dtype).
+They are the kernels torchao's x86 PT2E lowering targets, and they compute exactly what fake quantization simulated:
+``(q_x - z_x) * s_x`` times ``q_w * s_w``, summed in integers. The deprecated ``torch.ao.quantization`` workflow is
+not used. Everything version-specific about these ops is in this file.
 
 Where oneDNN cannot run (another device, a build without it, a padding it does not take), the layers compute the
 same arithmetic in float from the integer values (:func:`dequantized_weight`, :func:`dequantized_input`): the same
@@ -14,6 +15,7 @@ results up to float rounding, without the speed-up.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -44,8 +46,9 @@ def linear_u8s8(
     """``uint8`` input ``[..., in]`` times the packed ``int8`` weight, per-channel scales, float32 output."""
     zero_points = torch.zeros(weight_scale.numel(), dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(
-        x, x_scale, x_zero_point, packed, weight_scale, zero_points, bias, 1.0, 0, torch.float32, "none", [], ""
-    )
+        x, x_scale, x_zero_point, packed, weight_scale.float(), zero_points, as_float32(bias), 1.0, 0, torch.float32,
+        "none", [], "",
+    )  # fmt: skip
 
 
 def prepack_conv2d(
@@ -60,7 +63,7 @@ def prepack_conv2d(
 ) -> torch.Tensor:
     """oneDNN's packed form of an ``int8`` convolution weight ``[out, in/groups, kh, kw]`` (opaque; not saved)."""
     return torch.ops.onednn.qconv_prepack(
-        weight, weight_scale, x_scale, x_zero_point, list(stride), list(padding), list(dilation), groups, None
+        weight, weight_scale.float(), x_scale, x_zero_point, list(stride), list(padding), list(dilation), groups, None
     )
 
 
@@ -79,9 +82,14 @@ def conv2d_u8s8(
     """``uint8`` NCHW input convolved with the packed ``int8`` weight (zero padding means the real value 0)."""
     zero_points = torch.zeros(weight_scale.numel(), dtype=torch.int64)
     return torch.ops.onednn.qconv2d_pointwise(
-        x, x_scale, x_zero_point, packed, weight_scale, zero_points, bias,
+        x, x_scale, x_zero_point, packed, weight_scale.float(), zero_points, as_float32(bias),
         list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
+
+
+def as_float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` in float32 (None stays None): what the kernels and the float fallback take for scales and bias."""
+    return None if tensor is None else tensor.float()
 
 
 def dequantized_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -92,3 +100,24 @@ def dequantized_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> torc
 def dequantized_input(x: torch.Tensor, x_scale: float, x_zero_point: int) -> torch.Tensor:
     """The float32 input the ``uint8`` values stand for: ``(q - zero_point) * scale``."""
     return (x.float() - x_zero_point) * x_scale
+
+
+def integer_exact(
+    compute: Any,
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor,
+    weight_codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    channel_dim: int,
+) -> torch.Tensor:
+    """What the integer kernels compute, in float arithmetic that is exact: ``acc = sum((q_x - z_x) * q_w)`` summed
+    in float64 (exact for any layer width these bit widths allow), then ``(acc * s_x) * s_w[c] + b`` in float32, in
+    the kernels' order. ``compute(inputs, weight)`` is the layer's linear map without bias; ``channel_dim`` the output
+    dimension the per-channel ``weight_scale`` runs along (-1 for Linear, 1 for a convolution)."""
+    acc = compute(x_codes.double() - x_zero_point.double(), weight_codes.double()).float()
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    out = (acc * x_scale.float()) * weight_scale.float().reshape(shape)
+    return out if bias is None else out + bias.float().reshape(shape)

@@ -1,18 +1,18 @@
-"""QAT layers: Linear, Conv1d and Conv2d that observe and fake-quantize their weight (and optionally their input).
+"""QAT layers: Linear, Conv1d and Conv2d that observe and fake-quantize their weight (and optionally their input);
+transformers' Conv1D is in ``conv1d.py``.
 
 ``from_linear`` / ``from_conv2d`` / ``from_conv1d`` share the original ``weight`` and ``bias`` Parameters (the same
-objects), and ``to_linear`` / ``to_conv2d`` / ``to_conv1d`` hand them back, so optimizers, DDP and DeepSpeed see no
-new parameters.
-Weights are observed per output channel (axis 0); inputs per tensor. Until ``fake_quant_enabled`` is set the layer
-only observes and computes exactly what the original layer computes. The flag is a bool buffer, saved in the state
-dict with the observers' statistics, with a host-side copy that forward branches on (no device sync; loading a state
-dict refreshes it). With learnable scales forward always computes the fake-quantized values and picks through
-``torch.where``, so the scales take part in every backward (DDP would otherwise report unused parameters).
+objects), and ``to_linear`` / ``to_conv2d`` / ``to_conv1d`` hand them back: optimizers and strategies see no new ones.
+In eval mode they compute as their int8 form does (``exact.py``). Weights are observed per output channel
+(axis 0), inputs per tensor. Until ``fake_quant_enabled`` is set the layer only observes and computes exactly what the
+original layer computes. The flag is a bool buffer saved with the observers' statistics, with a host-side copy that
+forward branches on (no device sync; loading a state dict refreshes it). With learnable scales forward always
+computes the fake-quantized values and picks through ``torch.where``, so the scales take part in every backward.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 from lightning_compress.distributed import full_shape, gathered
 from lightning_compress.packing import packed_nbytes
 from lightning_compress.protocol import LayerFigures, LayerStorage
+from lightning_compress.quantization.exact import IntegerExactEval
 from lightning_compress.quantization.fake_quant import (
     EPS,
     QuantSpec,
@@ -32,10 +33,11 @@ from lightning_compress.quantization.fake_quant import (
 from lightning_compress.quantization.int8 import Int8Conv1d, Int8Conv2d, Int8Linear
 from lightning_compress.quantization.observers import MinMaxObserver, MovingAverageObserver
 
+_OWN_BIAS = object()  # _conv's default: the layer's own bias
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True, per_channel=True, channel_axis=0)
 
 
-class _QATBase(nn.Module):
+class _QATBase(IntegerExactEval, nn.Module):
     """Observers, the fake-quant flag and the self-description shared by the QAT layers."""
 
     weight: nn.Parameter
@@ -43,11 +45,19 @@ class _QATBase(nn.Module):
     fake_quant_enabled: torch.Tensor
     int8_class: ClassVar[type[nn.Module]]
     """The int8 layer this one converts to (its ``from_qat``); a subclass inherits it."""
+    _transposed_weight: ClassVar[bool] = False
+    """``weight`` is stored ``(in, out)`` (transformers' Conv1D): observed, and quantized, as its ``(out, in)`` view."""
 
     def to_int8(self) -> nn.Module:
         """The int8 inference layer computing what this layer computes in eval mode (what ``convert_to_int8``
         puts in its place). Override in a subclass whose forward differs from its base's."""
         return self.int8_class.from_qat(self).to(self.weight.device)
+
+    def export_form(self) -> nn.Module:
+        """What ``save_compressed`` writes for this layer: its int8 layer (:meth:`to_int8`) once it fake-quantizes,
+        as :meth:`storage` counts it, else this layer (float weights and observer state). Needs the full weight
+        (under ZeRO-3 the exporter gathers it)."""
+        return self.to_int8() if bool(self.fake_quant_enabled) else self
 
     def _init_quantization(
         self,
@@ -70,6 +80,7 @@ class _QATBase(nn.Module):
         self.weight_spec = weight_spec
         self.activation_spec = activation_spec
         shape = full_shape(weight)
+        shape = torch.Size(shape[::-1]) if self._transposed_weight else shape  # as grouped() views it
         channels = shape[weight_spec.channel_axis] if weight_spec.per_channel else None
         if group_size is not None:
             check_group_size(group_size, shape, weight_spec)
@@ -105,9 +116,17 @@ class _QATBase(nn.Module):
                 observer.set_enabled(enabled)
 
     def grouped(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight as its observer sees it: ``[out, in]``, or ``[out * in / group_size, group_size]`` when grouped
-        (each row of the view is one group of consecutive input weights, with its own scale)."""
-        return weight if self.group_size is None else weight.reshape(-1, self.group_size)
+        """The weight as its observer sees it: ``[out, in]`` (a stored ``(in, out)`` weight transposed), or
+        ``[out * in / group_size, group_size]`` when grouped (each row one group of consecutive input weights, with
+        its own scale)."""
+        view = weight.t() if self._transposed_weight else weight
+        return view if self.group_size is None else view.reshape(-1, self.group_size)
+
+    def ungrouped(self, view: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped as :meth:`grouped` returns it, back in the stored layout of ``weight``."""
+        if self._transposed_weight:
+            return view.reshape(self.weight.shape[::-1]).t()
+        return view.reshape(self.weight.shape)
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` of the weight: the learned scales (LSQ) or the weight observer's."""
@@ -146,7 +165,7 @@ class _QATBase(nn.Module):
             fake = learnable_fake_quantize(view, self.weight_scale, torch.zeros(1), self.weight_spec, factor)
         else:
             fake = fake_quantize(view, *self.weight_observer.calculate_qparams(), self.weight_spec)
-        fake = fake.reshape(self.weight.shape)
+        fake = self.ungrouped(fake)
         return torch.where(self.fake_quant_enabled, fake, self.weight) if self.learnable_scales else fake
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +218,7 @@ class _QATBase(nn.Module):
         with gathered([self.weight]):
             nonzeros = int(torch.count_nonzero(self.weight.detach()))
         shape = tuple(full_shape(self.weight))
+        shape = shape[::-1] if self._transposed_weight else shape  # (out, in), as the protocol wants
         total = int(torch.Size(shape).numel())
         return LayerFigures(
             weight_shape=shape,
@@ -231,7 +251,8 @@ class QATLinear(_QATBase):
         learnable_scales: bool = False,
     ) -> None:
         super().__init__()
-        self.out_features, self.in_features = full_shape(weight)
+        shape = full_shape(weight)  # (out, in); (in, out) for a transposed subclass (transformers' Conv1D)
+        self.out_features, self.in_features = shape[::-1] if self._transposed_weight else shape
         self._init_quantization(weight, bias, weight_spec, activation_spec, group_size, learnable_scales)
 
     @classmethod
@@ -244,9 +265,14 @@ class QATLinear(_QATBase):
         learnable_scales: bool = False,
     ) -> QATLinear:
         """A QAT layer that shares ``linear.weight`` and ``linear.bias`` (the same Parameter objects)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"`from_linear` takes an nn.Linear, got {type(linear).__name__}.")
+        cls.check_float_layer(linear)
         return cls(linear.weight, linear.bias, weight_spec, activation_spec, group_size, learnable_scales)
+
+    @classmethod
+    def check_float_layer(cls, layer: nn.Module) -> None:
+        """Refuse a layer that this class cannot take the Parameters of (a subclass takes another layer type)."""
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"`from_linear` takes an nn.Linear, got {type(layer).__name__}.")
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's Parameters (no copy)."""
@@ -256,6 +282,8 @@ class QATLinear(_QATBase):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._integer_exact():
+            return self._exact_output(x, F.linear, -1)
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -343,10 +371,13 @@ class QATConv2d(_QATBase):
 
     to_conv2d = to_float
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Any = _OWN_BIAS) -> torch.Tensor:
+        bias = self.bias if bias is _OWN_BIAS else bias
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._integer_exact():
+            return self._exact_output(x, lambda inputs, weight: self._conv(inputs, weight, None), 1)
         return self._conv(self.quantized_input(x), self.quantized_weight())
 
     def extra_repr(self) -> str:
@@ -361,8 +392,9 @@ class QATConv1d(QATConv2d):
 
     float_type = nn.Conv1d
     int8_class = Int8Conv1d
-    from_conv1d = QATConv2d.from_conv
+    from_conv1d = vars(QATConv2d)["from_conv"]  # the classmethod itself: ``QATConv2d.from_conv`` is bound to QATConv2d
     to_conv1d = QATConv2d.to_float
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Any = _OWN_BIAS) -> torch.Tensor:
+        bias = self.bias if bias is _OWN_BIAS else bias
+        return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
