@@ -168,7 +168,8 @@ def test_a_target_that_saves_nothing_anywhere_is_refused() -> None:
 
 
 def test_include_matching_nothing_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"`include` pattern 'net.fc9' matches no Linear/Conv2d module"):
+    types = "Linear/Conv2d/transformers Conv1D"
+    with pytest.raises(ValueError, match=rf"`include` pattern 'net.fc9' matches no {types} module"):
         LowRankRefactoring(rank_ratio=0.5, end_step=10, include=["net.fc9"]).prepare(ImageClassifier(image_size=8))
 
 
