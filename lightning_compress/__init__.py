@@ -6,11 +6,14 @@ from lightning_compress.monitor import CompressionMonitor
 from lightning_compress.pruning import GradualPruning
 from lightning_compress.quantization import QuantizationAwareTraining, convert_to_int8
 from lightning_compress.recipes import RecipeError, load_recipe
+from lightning_compress.stabilizers import GradientClipping, LearningRateWarmup
 
 __all__ = [
     "CompressedFileError",
     "CompressionMonitor",
+    "GradientClipping",
     "GradualPruning",
+    "LearningRateWarmup",
     "LowRankRefactoring",
     "QuantizationAwareTraining",
     "RecipeError",

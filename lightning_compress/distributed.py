@@ -229,3 +229,53 @@ def write_optimizer_state_(
             optimizer.state[param][key].copy_(value)
             return
     raise KeyError(f"no optimizer holds state {key!r} for this parameter")
+
+
+# ------------------------------------------------------------------------------------------ gradients under ZeRO
+
+
+def zero_optimizer(trainer: object) -> object | None:
+    """DeepSpeed's ZeRO optimizer of ``trainer`` (stage 1, 2 or 3), which holds the gradients as partitions and
+    clips them itself inside ``step()`` at its ``clip_grad``; ``None`` when the gradients live on ``param.grad``
+    (no strategy, DDP, DeepSpeed without ZeRO in fp32)."""
+    engine = getattr(getattr(trainer, "strategy", None), "model", None)
+    stage = getattr(engine, "zero_optimization_stage", None)
+    if not callable(stage) or stage() == 0:
+        return None
+    return engine.optimizer
+
+
+def engine_grad_norm(trainer: object) -> float:
+    """The global gradient norm DeepSpeed measured in its last step, before clipping (``inf`` when it skipped the
+    step for non-finite gradients)."""
+    norm = trainer.strategy.model.get_global_grad_norm()  # type: ignore[attr-defined]
+    return float("nan") if norm is None else float(norm)
+
+
+def engine_step_applied(trainer: object) -> bool:
+    return bool(trainer.strategy.model.was_step_applied())  # type: ignore[attr-defined]
+
+
+def full_grad(param: nn.Parameter) -> torch.Tensor | None:
+    """The full fp32 gradient of ``param`` between backward and the optimizer step, under any strategy; a
+    collective under ZeRO (every rank, same order)."""
+    if param.grad is not None:
+        return param.grad
+    from deepspeed.utils import safe_get_full_grad
+
+    grad = safe_get_full_grad(param)
+    return None if grad is None else grad.reshape(full_shape(param))
+
+
+def set_full_grad_(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write a full gradient back where the optimizer step reads it (this rank's partition under ZeRO)."""
+    if param.grad is not None:
+        param.grad.copy_(value)
+    elif is_zero3_partitioned(param):
+        from deepspeed.utils import safe_set_local_grad
+
+        safe_set_local_grad(param, _zero3_piece(param, value))
+    else:
+        from deepspeed.utils import safe_set_full_grad
+
+        safe_set_full_grad(param, value)

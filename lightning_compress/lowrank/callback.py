@@ -379,7 +379,7 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
             layer.set_rank_mask(keep)
             changed[name] = rank
         if changed:
-            events.publish(trainer, events.CompressionEvent(step, self.state_key, "lowrank", {"ranks": changed}))
+            events.publish(trainer, events.CompressionEvent(step, self.state_key, events.LOWRANK, {"ranks": changed}))
 
 
 def _ranks_text(ranks: dict[str, int]) -> str:

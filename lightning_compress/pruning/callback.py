@@ -224,7 +224,7 @@ class GradualPruning(composition.Composable, Ramped, Callback):
                 masks.update(self._bias_masks(masks))
             self.masks, self.mask_sparsity = masks, sparsity
             detail = {"sparsity": self.sparsity(), "pattern": str(self.pattern)}
-            events.publish(pl_module.trainer, events.CompressionEvent(step, self.state_key, "masks", detail))
+            events.publish(pl_module.trainer, events.CompressionEvent(step, self.state_key, events.MASKS, detail))
         if step >= self.end_step and self.rewind_values:
             self._rewind()
         self._apply_masks()

@@ -261,7 +261,8 @@ class QuantizationAwareTraining(composition.Composable, Callback):
         if fake_quant and (self._applied is None or not self._applied[0]):  # also after a resume: a fact of this run
             self._start_learnable_scales()
             detail = {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits}
-            events.publish(trainer, events.CompressionEvent(step, self.state_key, "quantize", detail))
+            resumed = step > self.start_step  # switched on in the run this one resumes: announced, not new
+            events.publish(trainer, events.CompressionEvent(step, self.state_key, events.QUANTIZE, detail, resumed))
         self._applied = (fake_quant, observing, bn_frozen)
 
     def _start_learnable_scales(self) -> None:

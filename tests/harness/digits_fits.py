@@ -17,10 +17,17 @@ from lightning_compress.models import ImageClassifier
 EPOCH_END_STEP = 19
 
 
-def fit(quiet: dict[str, Any], callbacks: list[Callback], max_steps: int, **trainer: Any) -> ImageClassifier:
-    """Seed 0, a fresh ImageClassifier, ``max_steps`` steps with ``callbacks``; returns the trained model."""
+def fit(
+    quiet: dict[str, Any],
+    callbacks: list[Callback],
+    max_steps: int,
+    model: Callable[[], ImageClassifier] | None = None,
+    **trainer: Any,
+) -> ImageClassifier:
+    """Seed 0, a fresh ImageClassifier (or ``model()``), ``max_steps`` steps with ``callbacks``; returns the
+    trained model."""
     pl.seed_everything(0)
-    model = ImageClassifier(image_size=8)
+    model = ImageClassifier(image_size=8) if model is None else model()
     trainer_ = pl.Trainer(max_steps=max_steps, callbacks=callbacks, **{**quiet, **trainer})
     trainer_.fit(model, datamodule=DigitsDataModule())
     return model

@@ -108,6 +108,10 @@ def fit(spec: dict[str, Any]) -> tuple[int, list[subprocess.Popen]]:
 
         callbacks.append(CompressionMonitor(log_every_n_steps=4, latency_repeats=3))
         logger = CSVLogger(out_dir, name="csv", version=0)
+    if spec.get("csv_log") and logger is False:
+        from pytorch_lightning.loggers import CSVLogger
+
+        logger = CSVLogger(out_dir, name="csv", version=0)
     if spec.get("mask_module_only"):  # negative control: the known failure, masks written to the module alone
         import lightning_compress.distributed as distributed
 
@@ -120,6 +124,7 @@ def fit(spec: dict[str, Any]) -> tuple[int, list[subprocess.Popen]]:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=logger,
+        log_every_n_steps=1 if spec.get("csv_log") else 50,
         enable_checkpointing=bool(spec.get("checkpoint_every_n_steps")),
         enable_progress_bar=False,
         enable_model_summary=False,

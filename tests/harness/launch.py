@@ -34,6 +34,7 @@ class FitSpec:
     checkpoint_every_n_steps: int | None = None  # ModelCheckpoint(every_n_train_steps=...) into out_dir/checkpoints
     resume_from: str | None = None  # ckpt_path for trainer.fit
     monitor: bool = False  # add a CompressionMonitor logging to a CSVLogger in out_dir/csv
+    csv_log: bool = False  # log every step to a CSVLogger in out_dir/csv (rank 0 writes it)
 
 
 #: The OS threads of torch's gloo backend and TCPStore server. Alive at interpreter exit, a gloo worker still releasing

@@ -1,0 +1,26 @@
+"""Refusals the stabilisers share, raised at ``setup`` before any step: what would make them silently wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def refuse_twins(trainer: Any, callback: Any) -> None:
+    """Two callbacks of one stabiliser class in one Trainer would clip twice or compound their factors."""
+    twins = [cb for cb in getattr(trainer, "callbacks", []) if type(cb) is type(callback)]
+    if len(twins) > 1:
+        name = type(callback).__name__
+        raise ValueError(
+            f"`callbacks` holds {len(twins)} {name} callbacks; one Trainer takes at most one {name}. HINT: keep one"
+            " and give it every setting; two would act on the same step twice."
+        )
+
+
+def refuse_manual_optimization(pl_module: Any, callback: Any) -> None:
+    """Lightning runs ``on_before_optimizer_step`` only under automatic optimization."""
+    if not getattr(pl_module, "automatic_optimization", True):
+        raise ValueError(
+            f"{type(callback).__name__} needs automatic optimization; {type(pl_module).__name__} sets"
+            " `automatic_optimization = False`, under which Lightning calls no `on_before_optimizer_step`. HINT:"
+            " clip in your own training_step (self.clip_gradients(...)), or use automatic optimization."
+        )
