@@ -36,10 +36,17 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, **tolerance: flo
         torch.testing.assert_close(x, y, msg=lambda m, n=name: f"{n}: {m}", **tolerance)
 
 
-def test_norm_mode_clips_as_lightning_gradient_clip_val_does(quiet_trainer_kwargs: dict[str, Any]) -> None:
-    ours = fit(quiet_trainer_kwargs, [GradientClipping("norm", max_norm=0.05)], max_steps=STEPS)
-    lightning = fit({**quiet_trainer_kwargs, "gradient_clip_val": 0.05}, [], max_steps=STEPS)
-    unclipped = fit(quiet_trainer_kwargs, [], max_steps=STEPS)
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_norm_mode_clips_as_lightning_gradient_clip_val_does(
+    quiet_trainer_kwargs: dict[str, Any], accumulate: int
+) -> None:
+    """Also under gradient accumulation: once per optimizer step, on the accumulated gradients."""
+    quiet = {**quiet_trainer_kwargs, "accumulate_grad_batches": accumulate}
+    clip, warmup = GradientClipping("norm", max_norm=0.05), LearningRateWarmup(warmup_steps=4, rewarm_on=[])
+    ours = fit(quiet, [clip, warmup], max_steps=STEPS)
+    lightning = fit({**quiet, "gradient_clip_val": 0.05}, [LearningRateWarmup(warmup_steps=4, rewarm_on=[])], STEPS)
+    unclipped = fit(quiet, [LearningRateWarmup(warmup_steps=4, rewarm_on=[])], max_steps=STEPS)
+    assert warmup.applied_steps == STEPS and ours.trainer.global_step == STEPS
     assert_same_weights(ours, lightning, rtol=1e-5, atol=1e-6)
     distance = max(
         float((a - b).abs().max())
