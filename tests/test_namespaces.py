@@ -54,6 +54,8 @@ def test_pruning_qat_and_the_monitor_run_under_either_namespace(namespace: str, 
     assert result["sparsity"] == pytest.approx(0.9, abs=0.005)
     assert result["qat_layers"] and result["int8_fc1"]
     assert {"compress/sparsity", "compress/params_effective", "compress/bytes_compressed"} <= set(result["logged"])
+    assert {"stabilize/grad_norm", "stabilize/clip_threshold", "stabilize/lr_factor"} <= set(result["logged"])
+    assert result["rewarm_start"] == 10 and result["hold_until"] == 10 + 3, "the stabilisers saw QAT's event"
 
 
 @pytest.mark.slow

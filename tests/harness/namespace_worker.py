@@ -57,13 +57,21 @@ def common(trainer: Any, callbacks: list[Any]) -> dict[str, Any]:
 
 
 def fit(out: Path) -> dict[str, Any]:
-    from lightning_compress import CompressionMonitor, GradualPruning, QuantizationAwareTraining
+    from lightning_compress import (
+        CompressionMonitor,
+        GradientClipping,
+        GradualPruning,
+        LearningRateWarmup,
+        QuantizationAwareTraining,
+    )
     from lightning_compress.quantization import Int8Linear, QATLinear
 
     callbacks = [
         GradualPruning(0.9, start_step=0, end_step=15, update_every=5, exclude=[r"net\.fc2"]),
         QuantizationAwareTraining(8, 8, start_step=10),
         CompressionMonitor(log_every_n_steps=5, measure_latency=False),
+        GradientClipping("adaptive", hold_on=["quantize"], event_steps=3),
+        LearningRateWarmup(warmup_steps=5, rewarm_on=["quantize"], rewarm_steps=5),
     ]
     csv = pl.loggers.CSVLogger(out, name="csv", version=0)
     trainer, model = build(out, csv, callbacks)
@@ -73,7 +81,9 @@ def fit(out: Path) -> dict[str, Any]:
         "sparsity": callbacks[0].sparsity(),
         "qat_layers": isinstance(model.net.fc1, QATLinear),
         "int8_fc1": isinstance(callbacks[1].int8_model.net.fc1, Int8Linear),
-        "logged": sorted(key for key in metrics if key.startswith("compress/")),
+        "logged": sorted(key for key in metrics if key.startswith(("compress/", "stabilize/"))),
+        "rewarm_start": callbacks[4].rewarm_start,
+        "hold_until": callbacks[3].hold_until,
     }
 
 
