@@ -36,7 +36,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import arguments, distributed
-from lightning_compress._lightning import Callback, pl, rank_zero_info
+from lightning_compress._lightning import Callback, logs_this_step, pl, rank_zero_info
 from lightning_compress.stabilizers import thresholds
 from lightning_compress.stabilizers.event_watch import EventWatch, check_kinds
 from lightning_compress.stabilizers.trainer_checks import refuse_manual_optimization, refuse_twins
@@ -218,6 +218,8 @@ class GradientClipping(Callback):
             skipped = not distributed.engine_step_applied(trainer)
             clipped = math.isfinite(norm) and thresholds.norm_scale(norm, pending["threshold"]) < 1.0
             pending = self._record(pending["step"], norm, pending["threshold"], clipped, skipped)
+        if not logs_this_step(trainer):  # logging costs more than clipping itself: only when the loggers write
+            return
         figures = {
             "stabilize/grad_norm": pending["norm"],
             "stabilize/clip_threshold": pending["threshold"],

@@ -22,7 +22,7 @@ import torch
 from typing_extensions import override
 
 from lightning_compress import arguments
-from lightning_compress._lightning import Callback, pl
+from lightning_compress._lightning import Callback, logs_this_step, pl
 from lightning_compress.stabilizers.event_watch import EventWatch, check_kinds
 from lightning_compress.stabilizers.trainer_checks import refuse_manual_optimization, refuse_twins
 
@@ -126,9 +126,9 @@ class LearningRateWarmup(Callback):
         if self._applied:
             self.applied_steps += 1
             self._applied = False
-        if self._used is not None:
+        if self._used is not None and logs_this_step(trainer):
             pl_module.log("stabilize/lr_factor", self._used, on_step=True, on_epoch=False)
-            self._used = None
+        self._used = None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
