@@ -218,6 +218,7 @@ class GradientClipping(Callback):
             skipped = not distributed.engine_step_applied(trainer)
             clipped = math.isfinite(norm) and thresholds.norm_scale(norm, pending["threshold"]) < 1.0
             pending = self._record(pending["step"], norm, pending["threshold"], clipped, skipped)
+            self._pending = None  # recorded: the next batch end without a step logs nothing
         if not logs_this_step(trainer):  # logging costs more than clipping itself: only when the loggers write
             return
         figures = {
