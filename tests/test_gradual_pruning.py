@@ -339,11 +339,51 @@ def test_after_fit_the_model_is_a_plain_module_with_zeros_in_place(quiet_trainer
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks, type(module).__name__
         assert type(module) is type(fresh.get_submodule(_name_of(model, module)))
+    assert not any(param._backward_hooks for param in model.parameters())  # the gradient masks went at fit end
     clone = copy.deepcopy(model)
     assert zero_fraction([clone.get_parameter(f"{layer}.weight") for layer in LAYERS]) == pytest.approx(0.75, abs=0.005)
     for name, mask in pruning.masks.items():
         assert (model.get_parameter(name)[~mask] == 0).all()
         assert torch.equal(clone.get_parameter(name), model.get_parameter(name))
+
+
+class GradientsBeforeTheStep(Callback):
+    """In ``on_before_optimizer_step``: each targeted weight's gradient, and the gradient of the same batch's loss
+    through an unhooked copy of the network (``copy.deepcopy`` leaves tensor hooks behind)."""
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+        self.seen: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: LightningModule, batch: Any, *args: Any) -> None:
+        self.batch = batch
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        clone = copy.deepcopy(pl_module.net)
+        x, y = self.batch
+        names = [f"{layer}.weight" for layer in LAYERS]
+        params = [clone.get_parameter(name.removeprefix("net.")) for name in names]
+        dense = torch.autograd.grad(F.cross_entropy(clone(x), y), params)
+        self.seen[trainer.global_step] = {
+            name: (pl_module.get_parameter(name).grad.clone(), g) for name, g in zip(names, dense, strict=True)
+        }
+
+
+def test_pruned_weights_get_no_gradient_so_clipping_and_optimizers_see_the_live_ones(
+    quiet_trainer_kwargs: dict[str, Any],
+) -> None:
+    pruning = GradualPruning(0.9, schedule="constant", start_step=3, end_step=4, update_every=1)
+    watch = GradientsBeforeTheStep()
+    fit(quiet_trainer_kwargs, [pruning, watch], max_steps=6)
+    for step in (0, 1, 2):  # no masks yet: the gradient is backward's own
+        for name, (grad, dense) in watch.seen[step].items():
+            torch.testing.assert_close(grad, dense, rtol=1e-5, atol=1e-7, msg=f"step {step} {name}")
+    for step in (3, 4, 5):
+        for name, (grad, dense) in watch.seen[step].items():
+            mask = pruning.masks[name]
+            assert (grad[~mask] == 0).all(), f"step {step}: {name} has a gradient on pruned weights"
+            assert dense[~mask].abs().sum() > 0  # the model does have one there: the hook removed it
+            torch.testing.assert_close(grad[mask], dense[mask], rtol=1e-5, atol=1e-7, msg=f"step {step} {name}")
 
 
 def _name_of(root: nn.Module, module: nn.Module) -> str:

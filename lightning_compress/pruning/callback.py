@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
@@ -26,8 +27,14 @@ class GradualPruning(composition.Composable, Ramped, Callback):
     Every ``update_every`` optimizer steps the masks are recomputed from the current weights (magnitude for
     ``unstructured`` and ``N:M``, row L2 norm for ``channel``) at the sparsity the named ``schedule`` gives for
     that step (Zhu & Gupta's ``cubic`` by default); after every optimizer step the masked weights are set to exactly
-    zero, in the module and in DeepSpeed's fp32 master copy, so momentum cannot revive them. No hooks or
-    reparametrisation: the module stays a plain module, deep-copyable and ready for export.
+    zero, in the module and in DeepSpeed's fp32 master copy, so momentum cannot revive them.
+
+    While it trains, the gradient of each pruned weight is zeroed as backward computes it (a tensor hook, before
+    DDP's all-reduce and DeepSpeed's partitioning): gradient clipping, the logged gradient norms and the
+    optimizer's moments see the live weights only. Without it, a 99 % prune leaves 99 % of the gradient norm on
+    weights that are set back to zero after the step, and a global-norm or unit-wise (AGC) clip scales the live
+    weights' updates down by it. No reparametrisation: the hooks go at fit end, and the module stays a plain
+    module, deep-copyable and ready for export.
 
     Args:
         target_sparsity: fraction of the targeted weights that are zero from ``end_step`` on, in [0, 1).
@@ -91,6 +98,8 @@ class GradualPruning(composition.Composable, Ramped, Callback):
         self._prepared_for: nn.Module | None = None
         self._measured: tuple[dict[str, torch.Tensor], float] | None = None  # (masks, their sparsity)
         self._multipliers: tuple[dict[str, torch.Tensor], list[str], list[torch.Tensor]] | None = None
+        self._grad_hooks: list[Any] = []  # removable handles of the gradient-masking hooks, while fit runs
+        self._grad_multipliers: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     @override
@@ -153,6 +162,12 @@ class GradualPruning(composition.Composable, Ramped, Callback):
         if self.masks:  # resumed: re-apply what was saved
             self._apply_masks()
         self._update(pl_module, step, log=False)  # Lightning allows no logging in on_train_start
+        self._remove_grad_hooks()
+        self._grad_hooks = [
+            param.register_hook(functools.partial(self._mask_grad, name))
+            for name, param in self._params.items()
+            if param.requires_grad
+        ]
 
     @override
     def on_train_batch_end(
@@ -172,8 +187,13 @@ class GradualPruning(composition.Composable, Ramped, Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_grad_hooks()
         if self.masks:
             self._apply_masks()  # fold: the weights themselves hold the zeros; nothing else remains
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_grad_hooks()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -260,6 +280,25 @@ class GradualPruning(composition.Composable, Ramped, Callback):
         shards, whose masks are sliced per rank (a full-size copy per rank would undo the partitioning)."""
         param, mask = self._params[name], self.masks[name]
         return mask if distributed.is_zero3_partitioned(param) else mask.to(param.device, param.dtype)
+
+    def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        """The tensor hook: ``grad`` with the pruned entries zeroed (the full-shape gradient, also under ZeRO-3);
+        ``None`` (unchanged) before the first masks."""
+        mask = self.masks.get(name)
+        if mask is None:
+            return None
+        key = (name, grad.device, grad.dtype)
+        cached = self._grad_multipliers.get(key)
+        if cached is None or cached[0] is not mask:
+            cached = (mask, mask.to(grad.device, grad.dtype))
+            self._grad_multipliers[key] = cached
+        return grad * cached[1]
+
+    def _remove_grad_hooks(self) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+        self._grad_multipliers = {}
 
     def _snapshot_for_rewind(self) -> None:
         names = list(self._params)
