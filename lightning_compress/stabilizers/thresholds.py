@@ -56,11 +56,12 @@ def unit_norms(tensor: torch.Tensor, unit_dim: int = 0) -> torch.Tensor:
     return tensor.norm(2, dim=dims, keepdim=True)
 
 
-def agc_(grad: torch.Tensor, weight: torch.Tensor, clip_factor: float, eps: float, unit_dim: int = 0) -> int:
-    """Adaptive gradient clipping of ``grad`` in place against ``weight``; returns how many units it clipped."""
+def agc_(grad: torch.Tensor, weight: torch.Tensor, clip_factor: float, eps: float, unit_dim: int = 0) -> torch.Tensor:
+    """Adaptive gradient clipping of ``grad`` in place against ``weight``; returns how many units it clipped, as a
+    0-d tensor on the gradient's device (reading it is a device sync: the caller reads all at once)."""
     limit = unit_norms(weight.detach().float(), unit_dim).clamp_min(eps) * clip_factor
     norms = unit_norms(grad.float(), unit_dim)
     over = norms > limit
     scale = torch.where(over, limit / norms.clamp_min(NORM_EPS), torch.ones_like(norms))
     grad.mul_(scale.to(grad.dtype))
-    return int(over.sum())
+    return over.sum()
