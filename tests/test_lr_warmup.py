@@ -76,3 +76,21 @@ def test_events_of_other_kinds_start_no_rewarm(quiet_trainer_kwargs: dict[str, A
     warmup = LearningRateWarmup(rewarm_on=["quantize"], rewarm_steps=4)
     fit(quiet_trainer_kwargs, [GradualPruning(0.5, start_step=2, end_step=3, schedule="constant"), warmup], 6)
     assert warmup.rewarm_start is None and warmup.last_event_step is None and warmup.applied_steps == 6
+
+
+def test_by_default_a_warmup_is_only_a_warmup_and_mask_updates_start_no_rewarm(
+    quiet_trainer_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    warmup = LearningRateWarmup(warmup_steps=4)
+    pruning = GradualPruning(0.5, start_step=2, end_step=10, update_every=2)  # an event every other step
+    trainer = {"logger": CSVLogger(tmp_path, name="csv", version=0), "log_every_n_steps": 1}
+    fit({**quiet_trainer_kwargs, **trainer}, [pruning, warmup], max_steps=12)
+    factor = logged(tmp_path, "stabilize/lr_factor")
+    assert [factor[s] for s in range(12)] == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 9)
+    assert warmup.rewarm_start is None and warmup.applied_steps == 12
+
+
+def test_rewarm_on_none_reacts_to_every_kind(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    warmup = LearningRateWarmup(rewarm_on=None, rewarm_steps=4)
+    fit(quiet_trainer_kwargs, [GradualPruning(0.5, start_step=2, end_step=3, schedule="constant"), warmup], 6)
+    assert warmup.rewarm_start == 2 and warmup.last_event_step == 2

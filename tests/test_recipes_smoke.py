@@ -149,5 +149,5 @@ def test_every_recipe_fits_and_every_technique_acts(
     if (args := callbacks.get("LearningRateWarmup")) is not None:
         state = state_of(checkpoint, "LearningRateWarmup")
         assert state["applied_steps"] == STEPS
-        if compressed and args.get("rewarm_on") != [] and args.get("rewarm_steps", 100):
+        if compressed and args.get("rewarm_on", []) != [] and args.get("rewarm_steps", 100):
             assert state["last_event_step"] is not None, "LearningRateWarmup re-warmed after no event"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -37,9 +38,12 @@ class LearningRateWarmup(Callback):
         warmup_steps: applied optimizer steps of the initial warm-up (0: none). The factor rises from
             ``1 / warmup_steps`` at the first step to 1 at step ``warmup_steps``.
         shape: ``"linear"`` or ``"cosine"`` (half a cosine: slow start, slow finish), for warm-up and re-warm alike.
-        rewarm_on: the compression event kinds that start a re-warm (``None``: every kind; ``[]``: none). The kinds
-            are those of :mod:`lightning_compress.events`: ``masks`` (pruning), ``quantize`` (QAT switched on),
-            ``lowrank`` (ranks cut).
+        rewarm_on: the compression event kinds that start a re-warm; default none (a plain warm-up), ``None``:
+            every kind. The kinds are those of :mod:`lightning_compress.events`: ``masks`` (pruning), ``quantize``
+            (QAT switched on), ``lowrank`` (ranks cut). Re-warming is opt-in because gradual pruning publishes a
+            ``masks`` event at every mask update: with ``update_every`` below ``rewarm_steps`` the learning rate
+            would stay low for the whole ramp. Name the one-shot events (``quantize``, a one-shot prune or cut), or
+            keep ``rewarm_steps`` below ``update_every``.
         rewarm_steps: applied steps a re-warm lasts (0: no re-warm).
         rewarm_factor: the factor at the first step after an event, in (0, 1]; it rises to 1 over ``rewarm_steps``.
 
@@ -50,7 +54,7 @@ class LearningRateWarmup(Callback):
         self,
         warmup_steps: int = 0,
         shape: Shape = "linear",
-        rewarm_on: list[str] | None = None,
+        rewarm_on: Sequence[str] | None = (),
         rewarm_steps: int = 100,
         rewarm_factor: float = 0.1,
     ) -> None:
