@@ -392,6 +392,19 @@ def test_an_existing_file_is_refused_untouched_unless_overwrite(tmp_path: Path) 
     assert_state_bit_equal(load_compressed(path), sparse_classifier())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_file_gets_the_permissions_of_a_plain_open_under_the_umask(tmp_path: Path, umask: int) -> None:
+    path = tmp_path / "model.safetensors"
+    before = os.umask(umask)
+    try:
+        save_compressed(sparse_classifier(), path)
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(before)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_failure_while_writing_leaves_no_file_and_the_old_one_untouched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool

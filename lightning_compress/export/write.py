@@ -91,7 +91,9 @@ def _write_atomic(target: Path, parts: dict[str, torch.Tensor], metadata: dict[s
     temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask, like a plain open()
+        mode = temp.stat().st_mode & 0o777
         safetensors.torch.save_file(parts, os.fspath(temp), metadata=metadata)
+        os.chmod(temp, mode)  # save_file replaces the file with a private (0o600) one of its own
         with open(temp, "rb+") as file:
             os.fsync(file.fileno())
         size = temp.stat().st_size
