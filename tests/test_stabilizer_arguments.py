@@ -112,3 +112,19 @@ def test_a_zero_optimizer_without_its_own_clip_is_refused_for_norm_modes() -> No
 def test_an_unknown_event_kind_cannot_be_published() -> None:
     with pytest.raises(ValueError, match="unknown compression event kind 'prune'; the kinds are masks, quantize"):
         events.publish(object(), events.CompressionEvent(0, "x", "prune"))
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_a_deepspeed_config_that_clips_itself_is_refused_at_setup(clip: float) -> None:
+    """GradientClipping sets the ZeRO optimizer's threshold at every step: the config's own clip would be lost."""
+    pytest.importorskip("deepspeed")
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    config = {"zero_optimization": {"stage": 2}, "gradient_clipping": clip, "train_micro_batch_size_per_gpu": 1}
+    trainer = StandInTrainer(strategy=DeepSpeedStrategy(config=config))
+    clipping = GradientClipping("adaptive")
+    if clip:
+        with pytest.raises(ValueError, match=r"the DeepSpeed config sets `gradient_clipping: 1.0`.*max_norm=1.0"):
+            clipping.setup(trainer, ImageClassifier(image_size=8), "fit")
+    else:
+        clipping.setup(trainer, ImageClassifier(image_size=8), "fit")  # 0 clips nothing: accepted

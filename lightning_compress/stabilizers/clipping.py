@@ -39,7 +39,11 @@ from lightning_compress import arguments, distributed
 from lightning_compress._lightning import Callback, logs_this_step, pl, rank_zero_info
 from lightning_compress.stabilizers import thresholds
 from lightning_compress.stabilizers.event_watch import EventWatch, check_kinds
-from lightning_compress.stabilizers.trainer_checks import refuse_manual_optimization, refuse_twins
+from lightning_compress.stabilizers.trainer_checks import (
+    refuse_manual_optimization,
+    refuse_other_clipping,
+    refuse_twins,
+)
 from lightning_compress.targeting import weight_is_transposed
 
 Mode = Literal["norm", "value", "agc", "adaptive"]
@@ -155,12 +159,7 @@ class GradientClipping(Callback):
             return
         refuse_twins(trainer, self)
         refuse_manual_optimization(pl_module, self)
-        clip_val = getattr(trainer, "gradient_clip_val", None)
-        if clip_val:
-            raise ValueError(
-                f"`Trainer(gradient_clip_val={clip_val!r})` and GradientClipping would both clip every step."
-                " HINT: drop `gradient_clip_val` (GradientClipping(mode='norm', max_norm=...) does what it did)."
-            )
+        refuse_other_clipping(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
