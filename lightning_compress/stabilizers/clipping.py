@@ -278,14 +278,14 @@ class GradientClipping(Callback):
         """``value`` / ``agc``: clip parameter by parameter (one full gradient at a time under ZeRO); returns the
         global norm before clipping and whether anything was clipped. The figures stay on the device until the end:
         one sync per step, not one per parameter."""
-        squares: list[torch.Tensor] = []
+        norms: list[torch.Tensor] = []
         clipped: list[torch.Tensor] = []
         units = {id(p): dim for _, p, dim in self._agc}
         for param in params:
             grad = distributed.full_grad(param)  # a collective under ZeRO: every rank, every parameter, in order
             if grad is None:
                 continue
-            squares.append(grad.detach().double().square().sum())
+            norms.append(torch.linalg.vector_norm(grad.detach()).double())  # as global_norm: per tensor, then f64
             if self.mode == "value":
                 clipped.append((grad.abs() > threshold).any())
                 grad = grad.clamp_(-threshold, threshold) if self._zero is None else grad.clamp(-threshold, threshold)
@@ -297,9 +297,9 @@ class GradientClipping(Callback):
                 continue
             if self._zero is not None:  # a local write of this rank's part, clipped or not
                 distributed.set_full_grad_(param, grad)
-        if not squares:
+        if not norms:
             return 0.0, False
-        norm = float(torch.stack(squares).sum().sqrt())
+        norm = float(torch.linalg.vector_norm(torch.stack(norms)))
         return norm, bool(torch.stack(clipped).any()) if clipped else False
 
     def _agc_parameters(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Parameter, int]]:

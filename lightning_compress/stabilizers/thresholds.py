@@ -59,9 +59,8 @@ def unit_norms(tensor: torch.Tensor, unit_dim: int = 0) -> torch.Tensor:
 def agc_(grad: torch.Tensor, weight: torch.Tensor, clip_factor: float, eps: float, unit_dim: int = 0) -> torch.Tensor:
     """Adaptive gradient clipping of ``grad`` in place against ``weight``; returns how many units it clipped, as a
     0-d tensor on the gradient's device (reading it is a device sync: the caller reads all at once)."""
-    limit = unit_norms(weight.detach().float(), unit_dim).clamp_min(eps) * clip_factor
+    limit = unit_norms(weight.detach().float(), unit_dim).clamp_min_(eps).mul_(clip_factor)
     norms = unit_norms(grad.float(), unit_dim)
     over = norms > limit
-    scale = torch.where(over, limit / norms.clamp_min(NORM_EPS), torch.ones_like(norms))
-    grad.mul_(scale.to(grad.dtype))
+    grad.mul_((limit / norms.clamp_min(NORM_EPS)).clamp_max_(1.0).to(grad.dtype))  # exactly 1 where not over
     return over.sum()
