@@ -9,11 +9,16 @@ not used. Everything version-specific about these ops is in this file.
 
 Where oneDNN cannot run (another device, a build without it, a padding it does not take), the layers compute the
 same arithmetic in float from the integer values (:func:`dequantized_weight`, :func:`dequantized_input`): the same
-results up to float rounding, without the speed-up.
+results up to float rounding, without the speed-up. So they do on a CPU whose oneDNN kernels are not exact: without
+VNNI (AVX512-VNNI, AVX-VNNI, AMX), on AVX2 alone, oneDNN sums pairs of u8 x s8 products in int16 with saturation
+(``vpmaddubsw``) and gets large dot products wrong (measured on an AVX2-only AMD EPYC: 1,024,096 off in 2,072,640).
+:func:`integer_kernels_exact` probes this once per process.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,13 +26,46 @@ import torch
 
 
 def onednn_available(device: torch.device) -> bool:
-    """Whether the oneDNN integer kernels can run on ``device`` in this torch build."""
+    """Whether the oneDNN integer kernels can run on ``device`` in this torch build, and compute exactly here."""
+    return device.type == "cpu" and _onednn_built() and integer_kernels_exact()
+
+
+def _onednn_built() -> bool:
     return (
-        device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
+        torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.onednn, "qlinear_pointwise")
         and hasattr(torch.ops.onednn, "qconv2d_pointwise")
     )
+
+
+@functools.cache
+def integer_kernels_exact() -> bool:
+    """Whether oneDNN's u8s8 Linear and Conv2d give exact int32 sums on this CPU: the largest products (255 x 127)
+    through both, checked to the integer (the sums stay below 2**24, exact in float32). Probed once per process;
+    warns once when they are not, and the int8 layers then compute in float from the integer values."""
+    if not _onednn_built():
+        return False
+    try:
+        x, w, ones = (
+            torch.full((2, 64), 255, dtype=torch.uint8),
+            torch.full((4, 64), 127, dtype=torch.int8),
+            torch.ones(4),
+        )
+        linear = linear_u8s8(x, 1.0, 0, prepack_linear(w), ones, None)
+        x4, w4 = torch.full((1, 8, 3, 3), 255, dtype=torch.uint8), torch.full((4, 8, 3, 3), 127, dtype=torch.int8)
+        packed = prepack_conv2d(w4, ones, 1.0, 0, (1, 1), (0, 0), (1, 1), 1)
+        conv = conv2d_u8s8(x4, 1.0, 0, packed, ones, None, (1, 1), (0, 0), (1, 1), 1)
+    except RuntimeError:
+        return False
+    exact = bool((linear == 255 * 127 * 64).all() and (conv == 255 * 127 * 72).all())
+    if not exact:
+        warnings.warn(
+            "oneDNN's int8 kernels are not exact on this CPU (no VNNI: AVX2 sums pairs of u8 x s8 products in int16"
+            " with saturation); the int8 layers compute in float32 from their integer values instead: the same"
+            " results, without the integer speed-up.",
+            stacklevel=2,
+        )
+    return exact
 
 
 def prepack_linear(weight: torch.Tensor) -> torch.Tensor:
@@ -94,7 +132,7 @@ def as_float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 def dequantized_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """The float32 weight the integers stand for: ``q * scale`` with one scale per output channel (dimension 0)."""
-    return weight.float() * weight_scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return weight.float() * weight_scale.float().reshape(-1, *([1] * (weight.dim() - 1)))  # also in a cast model
 
 
 def dequantized_input(x: torch.Tensor, x_scale: float, x_zero_point: int) -> torch.Tensor:
