@@ -5,13 +5,14 @@ each round, so a burst of load from the shared machine hits every variant within
 is ``block`` calls in a row, each timed alone with ``perf_counter`` (wall) and ``time.thread_time`` (CPU of the
 calling thread, which does not count the time other jobs held the core). With ``block`` > 1 the first call of a turn
 (caches still holding the previous variant's weights) is kept apart as ``cold_wall_ms``. Training steps take turns
-the same way (:func:`interleaved_steps`).
+the same way (:func:`interleaved_steps`), or, for whole Lightning fits in threads, through :class:`Turns`.
 """
 
 from __future__ import annotations
 
 import gc
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -149,3 +150,34 @@ def time_inside(
                 for name, seconds in times.items():
                     record[variant].setdefault(name, []).append(1e3 * seconds)
     return record
+
+
+class Turns:
+    """The runs of one round take optimizer steps strictly in turn: a b c a b c ... (one thread at a time)."""
+
+    def __init__(self, order: list[int], timeout_s: float = 300.0) -> None:
+        self.order, self.timeout_s = order, timeout_s
+        self.cond = threading.Condition()
+        self.turn = order[0]
+        self.done: set[int] = set()
+
+    def wait(self, i: int) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.turn == i, timeout=self.timeout_s):
+                raise TimeoutError(f"run {i} waited {self.timeout_s} s for its turn")
+
+    def pass_on(self, i: int, finished: bool = False) -> None:
+        with self.cond:
+            if finished:
+                self.done.add(i)
+            left = [j for j in self.order if j not in self.done]
+            pos = self.order.index(i)
+            following = [self.order[(pos + k) % len(self.order)] for k in range(1, len(self.order) + 1)]
+            self.turn = next((j for j in following if j in left), -1)
+            self.cond.notify_all()
+
+    def wait_all_done(self) -> None:
+        """Block until every run took its last step (so no run's teardown overlaps another's timed step)."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.turn == -1, timeout=self.timeout_s):
+                raise TimeoutError(f"waited {self.timeout_s} s for the other runs to finish")

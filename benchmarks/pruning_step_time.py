@@ -59,7 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import QUIET, Benchmark, fmt_spread, spread, table  # noqa: E402
-from _timing import rotated  # noqa: E402
+from _timing import Turns, rotated  # noqa: E402
 from _training import model_pruning, reference_cnn, weight_sparsity  # noqa: E402
 
 from lightning_compress import CompressionMonitor, GradualPruning  # noqa: E402
@@ -89,43 +89,6 @@ BENCHMARK = Benchmark(
     smoke={"rounds": 1, "steps_per_epoch": 10, "measured_epochs": 2, "drop": 2, "ramp": 10},
     choices={"configs": CONFIGS},
 )
-
-
-class Turns:
-    """Lets the runs of one round take optimizer steps strictly in turn: a b c a b c ... (one thread at a time)."""
-
-    def __init__(self, order: list[int], timeout_s: float = 300.0) -> None:
-        self.order, self.timeout_s = order, timeout_s
-        self.cond = threading.Condition()
-        self.turn = order[0]
-        self.done: set[int] = set()
-
-    def wait(self, i: int) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.turn == i, timeout=self.timeout_s):
-                raise TimeoutError(f"run {i} waited {self.timeout_s} s for its turn")
-
-    def pass_on(self, i: int, finished: bool = False) -> None:
-        with self.cond:
-            if finished:
-                self.done.add(i)
-            left = [j for j in self.order if j not in self.done]
-            if left:
-                pos = self.order.index(i)
-                self.turn = next(
-                    self.order[(pos + k) % len(self.order)]
-                    for k in range(1, len(self.order) + 1)
-                    if self.order[(pos + k) % len(self.order)] not in self.done
-                )
-            else:
-                self.turn = -1
-            self.cond.notify_all()
-
-    def wait_all_done(self) -> None:
-        """Block until every run took its last step (so no run's teardown overlaps another's timed step)."""
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.turn == -1, timeout=self.timeout_s):
-                raise TimeoutError(f"waited {self.timeout_s} s for the other runs to finish")
 
 
 class StepTimer(pl.Callback):
