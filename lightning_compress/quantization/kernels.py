@@ -51,10 +51,10 @@ def integer_kernels_exact() -> bool:
             torch.full((4, 64), 127, dtype=torch.int8),
             torch.ones(4),
         )
-        linear = linear_u8s8(x, 1.0, 0, prepack_linear(w), ones, None)
+        linear = _linear_u8s8(x, 1.0, 0, prepack_linear(w), ones, None)  # the ops themselves: never a wrapper
         x4, w4 = torch.full((1, 8, 3, 3), 255, dtype=torch.uint8), torch.full((4, 8, 3, 3), 127, dtype=torch.int8)
         packed = prepack_conv2d(w4, ones, 1.0, 0, (1, 1), (0, 0), (1, 1), 1)
-        conv = conv2d_u8s8(x4, 1.0, 0, packed, ones, None, (1, 1), (0, 0), (1, 1), 1)
+        conv = _conv2d_u8s8(x4, 1.0, 0, packed, ones, None, (1, 1), (0, 0), (1, 1), 1)
     except RuntimeError:
         return False
     exact = bool((linear == 255 * 127 * 64).all() and (conv == 255 * 127 * 72).all())
@@ -123,6 +123,9 @@ def conv2d_u8s8(
         x, x_scale, x_zero_point, packed, weight_scale.float(), zero_points, as_float32(bias),
         list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
+
+
+_linear_u8s8, _conv2d_u8s8 = linear_u8s8, conv2d_u8s8  # what the probe calls, whatever wraps the public names
 
 
 def as_float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
