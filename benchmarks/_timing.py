@@ -181,3 +181,25 @@ class Turns:
         with self.cond:
             if not self.cond.wait_for(lambda: self.turn == -1, timeout=self.timeout_s):
                 raise TimeoutError(f"waited {self.timeout_s} s for the other runs to finish")
+
+
+def fit_in_turns(trainers: Sequence[Any], models: Sequence[Any], data: Sequence[Any], turns: Turns) -> None:
+    """Fit every ``trainers[i]`` on ``models[i]`` and ``data[i]`` in its own thread (the threads take optimizer steps
+    through ``turns``); the first error of any fit is raised once all threads ended."""
+    errors: list[BaseException] = []
+
+    def fit(i: int) -> None:
+        try:
+            trainers[i].fit(models[i], datamodule=data[i])
+        except BaseException as err:  # keep the other runs from waiting forever
+            errors.append(err)
+            turns.pass_on(i, finished=True)
+
+    gc.collect()
+    threads = [threading.Thread(target=fit, args=(i,)) for i in range(len(trainers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

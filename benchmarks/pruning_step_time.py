@@ -48,18 +48,16 @@ held the core, so its ratios are the less noisy ones; the wall-clock ratios are 
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import QUIET, Benchmark, fmt_spread, spread, table  # noqa: E402
-from _timing import Turns, rotated  # noqa: E402
+from _timing import Turns, fit_in_turns, rotated  # noqa: E402
 from _training import model_pruning, reference_cnn, weight_sparsity  # noqa: E402
 
 from lightning_compress import CompressionMonitor, GradualPruning  # noqa: E402
@@ -155,23 +153,7 @@ def run_round(
         )
         models.append(model)
         timers.append(timer)
-    errors: list[BaseException] = []
-
-    def fit(i: int) -> None:
-        try:
-            trainers[i].fit(models[i], datamodule=data[i])
-        except BaseException as err:  # keep the other runs from waiting forever
-            errors.append(err)
-            turns.pass_on(i, finished=True)
-
-    gc.collect()
-    threads = [threading.Thread(target=fit, args=(i,)) for i in range(len(configs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    fit_in_turns(trainers, models, data, turns)
     start = args.steps_per_epoch + args.drop
     update_steps = set(range(start + 10, start + args.ramp + 1, 10))
     result = {}
