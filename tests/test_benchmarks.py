@@ -41,6 +41,8 @@ SCRIPTS = (
     "pruning_accuracy",
     "pruning_step_time",
     "qat_accuracy",
+    "stabilizer_overhead",
+    "stabilizer_shock",
 )
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
@@ -252,6 +254,8 @@ SMOKE_RUNS: dict[str, tuple[list[str], set[str]]] = {
     "pruning_accuracy": (["--jobs", "2"], {"gradual99", "modelpruning99"}),
     "pruning_step_time": ([], set()),
     "qat_accuracy": ([], {"minilm_qat_late", "minilm_torchao"}),
+    "stabilizer_overhead": ([], set()),
+    "stabilizer_shock": ([], set()),
 }
 
 
