@@ -4,12 +4,17 @@ Format: a 7-byte header (``:W&B``, 0xBEE1, version), then 32 KiB blocks of recor
 (crc32, length, type: 1 whole, 2/3/4 first/middle/last fragment) and a block tail under 7 bytes is padding. A payload
 is a protobuf ``Record``; ``history``/``summary``/``config`` records hold items with ``key`` or ``nested_key`` and
 ``value_json``. The CRC of every record is checked, so a misread fails loudly.
+
+``wandb.finish()`` of an offline run can return before wandb-core has flushed the log to disk (seen under load: a
+log that held only its header when read). A whole log ends with the run's ``exit`` record, so ``read_run`` waits for
+that record, and reads a half-written last record as "not yet", never as data.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +43,24 @@ def find_run_dir(wandb_dir: Path) -> Path:
     return run_dir
 
 
-def read_run(run_dir: Path) -> WandbRun:
+def read_run(run_dir: Path, timeout_s: float = 60.0) -> WandbRun:
+    """The finished run in ``run_dir``, once its log is whole (ends in the ``exit`` record)."""
     from wandb.proto import wandb_internal_pb2
 
     (log_file,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = []
+        for payload in _payloads(log_file.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            break
+        assert time.monotonic() < deadline, f"{log_file.name}: no exit record after {timeout_s:g} s (run not over)"
+        time.sleep(0.1)
     run = WandbRun(files=sorted(p for p in (run_dir / "files").rglob("*") if p.is_file()))
-    for payload in _payloads(log_file.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             run.history.append({_key(item): json.loads(item.value_json) for item in record.history.item})
@@ -67,6 +82,9 @@ def _key(item: Any) -> str:
 
 
 def _payloads(data: bytes) -> list[bytes]:
+    """Every whole record's payload; a record still being written at the end of ``data`` is left out."""
+    if len(data) < HEADER.size:
+        return []
     magic, _, _ = HEADER.unpack_from(data, 0)
     assert magic == b":W&B", f"not a W&B log (starts with {data[:4]!r})"
     offset, pending, payloads = HEADER.size, b"", []
@@ -80,6 +98,8 @@ def _payloads(data: bytes) -> list[bytes]:
         if length == 0 and kind == 0:  # zero padding to the end of the block
             offset += room
             continue
+        if len(body) < length:  # the writer is mid-record
+            break
         expected = zlib.crc32(body, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF
         assert crc == expected, f"CRC mismatch at byte {offset}"
         offset += RECORD.size + length
