@@ -126,6 +126,47 @@ def forget_metric_names(module: Any) -> None:
         module.__dict__["_metric_attributes"] = None
 
 
+def restore_signal_on_teardown(trainer: Any, signum: int, handler: Any) -> None:
+    """Make Lightning's own teardown of the fit put ``handler`` back for ``signum``.
+
+    Private: Lightning's signal connector records the handlers in place when it installs its own
+    (``_original_handlers``) and re-installs them after the callbacks' ``teardown``; a callback that installed a
+    handler before that would otherwise find it re-installed. Fallback when the attribute is gone: nothing.
+    """
+    originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+    if isinstance(originals, dict) and signum in originals:
+        originals[signum] = handler
+
+
+def end_fit_now() -> None:
+    """Leave ``Trainer.fit`` from inside a training hook: the callbacks' ``teardown`` runs, their ``on_train_end`` and
+    ``on_fit_end`` do not, and ``fit`` returns normally.
+
+    Private: this is the exception Lightning's own tuner callbacks raise (``_TunerExitException``), which
+    ``fit`` catches as a clean finish. Fallback when it is gone: a RuntimeError that says so.
+    """
+    exit_exception = getattr(submodule("utilities.exceptions"), "_TunerExitException", None)
+    if exit_exception is None:
+        raise RuntimeError("this Lightning version has no clean exit from inside fit (`_TunerExitException`)")
+    raise exit_exception()
+
+
+def spawns_ranks(trainer: Any) -> bool:
+    """Whether Lightning started this fit's ranks itself with multiprocessing (``ddp_spawn``, notebooks): an
+    exception that leaves ``fit`` in such a rank does not reach the caller as a return. Private: the launcher's
+    class name. Fallback: False."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    return type(launcher).__name__ == "_MultiProcessingLauncher"
+
+
+def injects_distributed_sampler(trainer: Any) -> bool:
+    """Whether Lightning would replace a training loader's sampler by a ``DistributedSampler`` for ``trainer``.
+    Private: ``Trainer(use_distributed_sampler=...)`` is kept on the accelerator connector only. Fallback: its
+    default, True, in a run of more than one process."""
+    connector = getattr(trainer, "_accelerator_connector", None)
+    return trainer.world_size > 1 and bool(getattr(connector, "use_distributed_sampler", True))
+
+
 __all__ = [
     "NAMESPACE",
     "NAMESPACES",
@@ -133,14 +174,18 @@ __all__ = [
     "LightningDataModule",
     "LightningModule",
     "Trainer",
+    "end_fit_now",
     "forget_metric_names",
+    "injects_distributed_sampler",
     "is_instance",
     "loggers_of",
     "logs_this_step",
     "pl",
     "rank_zero_info",
+    "restore_signal_on_teardown",
     "saved_hyperparameters",
     "seed_everything",
+    "spawns_ranks",
     "submodule",
     "uses_deepspeed",
 ]
