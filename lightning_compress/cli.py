@@ -7,6 +7,7 @@ safe loader as :func:`lightning_compress.load_recipe` (allow-listed callbacks, s
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -34,6 +35,17 @@ def config_paths(argv: Sequence[str]) -> Iterator[str]:
             yield arg.split("=", 1)[1]
 
 
+def requeued_slurm_job() -> bool:
+    """Whether this is a SLURM job running again after a requeue (``SLURM_RESTART_COUNT`` > 0).
+
+    Under SLURM, Lightning's default logger names its folder after the job id, so a requeued job logs into the
+    folder of its first run, where LightningCLI saved the run's ``config.yaml`` and, by default, refuses to write it
+    again. The requeued job is the same job with the same command line: its config may replace its own.
+    """
+    count = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return count.isdigit() and int(count) > 0
+
+
 def run_lightning_cli(argv: list[str] | None) -> None:
     """Lightning's CLI over ``argv`` (``None``: read ``sys.argv`` as a console script does)."""
     LightningCLI = submodule("cli").LightningCLI
@@ -48,6 +60,7 @@ def run_lightning_cli(argv: list[str] | None) -> None:
         subclass_mode_data=True,
         args=argv,
         auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": requeued_slurm_job()},
     )
     destroy_process_groups()  # the run finished: its gloo threads are joined now, not torn down at exit (teardown.py)
 
