@@ -22,11 +22,13 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 export DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1   # DeepSpeed: no CUDA op builds at install time
 
-if [ "$WITH_TESTS" = 1 ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+# The tests read Fashion-MNIST from Debian's package, and start a real SLURM cluster (tests/harness/slurm_cluster.py).
+TEST_DEBS=(dataset-fashion-mnist slurmctld slurmd slurm-client munge)
+if [ "$WITH_TESTS" = 1 ] && ! dpkg -s "${TEST_DEBS[@]}" >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  echo "==> Debian packages for the tests"
+  echo "==> Debian packages for the tests: ${TEST_DEBS[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${TEST_DEBS[@]}"
 fi
 
 [ -x .venv/bin/python ] || { echo "==> creating .venv"; "$PYTHON" -m venv .venv; }
