@@ -188,6 +188,7 @@ def test_another_jobs_checkpoint_in_the_same_folder_is_refused(
     ("arguments", "message"),
     [
         ({"signal": "SIGKILL"}, r"`signal` must be one of .*SIGUSR1.*got 'SIGKILL'"),
+        ({"signal": "SIGTERM"}, r"got 'SIGTERM'.*SIGTERM and SIGINT are Lightning's own"),
         ({"signal": 10}, r"`signal` must be a signal name"),
         ({"keep": 0}, r"`keep` must be an integer >= 1; got 0"),
         ({"requeue": "yes"}, r"`requeue` must be"),
@@ -200,4 +201,4 @@ def test_bad_arguments_are_refused_at_construction(arguments: dict[str, Any], me
 
 def test_signal_names_are_accepted_with_or_without_the_prefix() -> None:
     assert PreemptionCheckpoint(signal="usr2").signal == "SIGUSR2"
-    assert PreemptionCheckpoint(signal="SIGTERM").signal == "SIGTERM"
+    assert PreemptionCheckpoint(signal="SIGUSR1").signal == "SIGUSR1"

@@ -37,8 +37,11 @@ from lightning_compress._lightning import (
 )
 from lightning_compress.preemption import files, rng, slurm
 
-#: Signals that cannot be caught, or that mean something else to a training process.
-RESERVED = frozenset({"SIGKILL", "SIGSTOP", "SIGINT", "SIGCHLD", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"})
+#: Signals that cannot be caught, or that mean something else to a training process. SIGTERM is Lightning's: its
+#: handler makes the fit raise at the next batch, before a step boundary could be agreed on.
+RESERVED = frozenset(
+    {"SIGKILL", "SIGSTOP", "SIGINT", "SIGTERM", "SIGCHLD", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"}
+)
 
 
 def catchable_signals() -> list[str]:
@@ -70,7 +73,10 @@ class PreemptionCheckpoint(Callback):
         valid = catchable_signals()
         if name not in valid:
             raise arguments.refusal(
-                "signal", signal, f"one of {', '.join(valid)}", hint="SLURM's `--signal=USR1@90` sends SIGUSR1."
+                "signal",
+                signal,
+                f"one of {', '.join(valid)}",
+                hint="SLURM's `--signal=USR1@90` sends SIGUSR1; SIGTERM and SIGINT are Lightning's own.",
             )
         self.signal = name
         self.keep = arguments.integer("keep", keep, minimum=1, hint="the newest checkpoints kept; 1 is enough.")
