@@ -10,6 +10,11 @@
 #                   cpu runs the same scripts on CPU-only partitions: one process per task, gloo
 #   LC_REQUEUE      true | false | null                  default: null (requeue, as this is a SLURM job)
 #                   false: on the preemption signal save the checkpoint and end, without `scontrol requeue`
+#   LC_MASTER_ADDR  the host the ranks meet at            default: the job's first node (SLURM's node list)
+#                   set it where node names do not resolve to addresses
+#
+# Distributed-launch variables inherited from the submitting shell (MASTER_PORT, RANK, WORLD_SIZE, ...) are
+# dropped: they would override what SLURM gives each job, and two jobs with one inherited MASTER_PORT collide.
 #
 # The run folder is $LC_RUNS/<job id> (<array job id>_<task id> for an array task). A requeued job keeps its id, so
 # it finds its folder and its checkpoint again; no other job writes there.
@@ -20,6 +25,9 @@ LC_ROOT="${LC_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 LC_PYTHON="${LC_PYTHON:-$LC_ROOT/.venv/bin/python}"
 LC_RUNS="${LC_RUNS:-$LC_ROOT/runs}"
 LC_ACCELERATOR="${LC_ACCELERATOR:-auto}"
+
+unset MASTER_PORT WORLD_SIZE RANK LOCAL_RANK NODE_RANK GROUP_RANK LOCAL_WORLD_SIZE
+if [ -n "${LC_MASTER_ADDR:-}" ]; then export MASTER_ADDR="$LC_MASTER_ADDR"; else unset MASTER_ADDR; fi
 
 case "$LC_ACCELERATOR" in
   cpu | gpu) ;;

@@ -82,7 +82,8 @@ class Jobs:
             "LC_ACCELERATOR": "cpu",
             "LC_STRATEGY": "ddp",
             "PYTHONPATH": str(REPO_ROOT / "tests" / "harness"),
-            "MASTER_ADDR": "127.0.0.1",  # the nodes n1 and n2 are names only this cluster knows
+            "LC_MASTER_ADDR": "127.0.0.1",  # the nodes n1 and n2 are names only this cluster knows
+            "MASTER_PORT": "29400",  # a shell's leftover (CI's earlier tests leave one): two jobs must not share it
         }
 
     def submit(self, *args: str, sbatch: tuple[str, ...] = (), recipe: str | None = None, **env: str) -> str:
