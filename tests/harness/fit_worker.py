@@ -43,7 +43,13 @@ class RankSnapshot(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = full_state_dict(pl_module)  # collective under ZeRO-3: runs on every rank
-        snapshot = {"state_dict": state, "global_step": trainer.global_step, "world_size": trainer.world_size}
+        snapshot = {
+            "state_dict": state,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "node_rank": trainer.node_rank,
+            "local_rank": trainer.local_rank,
+        }
         if self.watch is not None:
             snapshot["mask_checks"] = self.watch.records
             snapshot["masks"] = self.watch.masks(trainer)
@@ -119,6 +125,7 @@ def fit(spec: dict[str, Any]) -> tuple[int, list[subprocess.Popen]]:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=spec["devices"],
+        num_nodes=spec.get("num_nodes", 1),
         strategy=build_strategy(spec),
         max_steps=spec["max_steps"],
         limit_val_batches=0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,10 +21,12 @@ REPO_ROOT = HARNESS_DIR.parent.parent
 
 @dataclass(frozen=True)
 class FitSpec:
-    """What to run: ``strategy="ddp"`` or ``"deepspeed"`` (with ``zero_stage``), on ``devices`` CPU processes."""
+    """What to run: ``strategy="ddp"`` or ``"deepspeed"`` (with ``zero_stage``), on ``devices`` CPU processes per
+    node and ``num_nodes`` nodes (more than one: launched by ``run_torchrun_fit``)."""
 
     strategy: Literal["ddp", "deepspeed"]
     devices: int = 2
+    num_nodes: int = 1
     zero_stage: int = 0
     max_steps: int = 6
     batch_size: int = 32
@@ -101,6 +104,8 @@ def worker_command(spec: FitSpec, out_dir: Path) -> list[str]:
 def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
     """Run ``spec`` in a new process tree; raise with the tail of its log if any rank fails, and when a rank reaches
     its exit with a process group or a communication thread still alive (the cause of aborts after training)."""
+    if spec.num_nodes != 1:
+        raise ValueError(f"run_fit starts one node; FitSpec(num_nodes={spec.num_nodes}) needs run_torchrun_fit")
     proc = subprocess.run(
         worker_command(spec, out_dir),
         env=subprocess_env(),
@@ -113,13 +118,63 @@ def run_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
     (out_dir / "fit.log").write_text(proc.stdout)
     if proc.returncode != 0:
         raise RuntimeError(f"fit {spec} exited with {proc.returncode}; log tail:\n{proc.stdout[-4000:]}")
-    exits = [json.loads((out_dir / f"exit{r}.json").read_text()) for r in range(spec.devices)]
+    return read_result(spec, out_dir, proc.stdout)
+
+
+def read_result(spec: FitSpec, out_dir: Path, log: str) -> FitResult:
+    """What every rank of the finished fit ``spec`` wrote into ``out_dir``; raises when a rank reached its exit with a
+    process group or a communication thread still alive (the cause of aborts after training)."""
+    world_size = spec.devices * spec.num_nodes
+    exits = [json.loads((out_dir / f"exit{r}.json").read_text()) for r in range(world_size)]
     unclean = {r: e for r, e in enumerate(exits) if e["process_group"] or COMMUNICATION_THREADS & set(e["threads"])}
     if unclean:
         raise RuntimeError(f"fit {spec} left a process group or its threads alive at exit, by rank: {unclean}")
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(spec.devices)]
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     initial = torch.load(out_dir / "initial.pt", weights_only=True)
-    return FitResult(spec=spec, out_dir=out_dir, ranks=ranks, initial=initial, exits=exits, log=proc.stdout)
+    return FitResult(spec=spec, out_dir=out_dir, ranks=ranks, initial=initial, exits=exits, log=log)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitResult:
+    """Run ``spec`` as a multi-node job on this host: one ``torchrun --nnodes=N --node-rank=R`` per node, each
+    starting ``spec.devices`` ranks, meeting at one rendezvous on 127.0.0.1 (what a cluster does on N hosts).
+    Lightning finds the ranks in torchrun's environment (``TorchElasticEnvironment``) and starts no process itself.
+    Raises with each node's log tail if a node fails or the job outlasts ``timeout``."""
+    command = worker_command(spec, out_dir)
+    port = free_port()
+    nodes = []
+    for node_rank in range(spec.num_nodes):
+        log = (out_dir / f"node{node_rank}.log").open("w")
+        torchrun = [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={spec.num_nodes}", f"--node-rank={node_rank}",
+            f"--nproc-per-node={spec.devices}", "--master-addr=127.0.0.1", f"--master-port={port}",
+            *command[1:],
+        ]  # fmt: skip
+        proc = subprocess.Popen(torchrun, env=subprocess_env(), cwd=out_dir, stdout=log, stderr=subprocess.STDOUT)
+        nodes.append((proc, log))
+    deadline = time.monotonic() + timeout
+    codes = []
+    try:
+        for proc, _ in nodes:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        codes.append("timeout")
+    finally:
+        for proc, log in nodes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    logs = [(out_dir / f"node{r}.log").read_text() for r in range(spec.num_nodes)]
+    if codes != [0] * spec.num_nodes:
+        tails = "\n".join(f"--- node {r} ---\n{text[-3000:]}" for r, text in enumerate(logs))
+        raise RuntimeError(f"torchrun fit {spec} ended with {codes} by node; log tails:\n{tails}")
+    return read_result(spec, out_dir, "\n".join(logs))
 
 
 #: The strategies the distributed tests run, as FitSpec arguments (2 CPU processes each).
