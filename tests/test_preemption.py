@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from lightning_compress import (
     CheckpointRefused,
     GradientClipping,
     GradualPruning,
+    LearningRateWarmup,
+    LowRankRefactoring,
     PreemptionCheckpoint,
     QuantizationAwareTraining,
 )
@@ -54,14 +57,30 @@ def compression() -> list[Callback]:
     ]
 
 
-def preempted_then_resumed(quiet: dict[str, Any], **preemption: Any) -> tuple[ImageClassifier, PreemptionCheckpoint]:
+def every_technique() -> list[Callback]:
+    """All three techniques and both stabilisers, the preemption inside low-rank's calibration window (steps 25-29)
+    and inside a re-warm (pruning's update at step 25 re-warms 25-28), listed last technique first."""
+    return [
+        LearningRateWarmup(warmup_steps=3, rewarm_on=["lowrank", "masks", "quantize"], rewarm_steps=4),
+        GradientClipping("adaptive", percentile=50, history=20),
+        QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_step=12, freeze_observers_step=32),
+        GradualPruning(0.8, include=[r"net\.conv2", r"net\.fc2"], start_step=10, end_step=35, update_every=5),
+        LowRankRefactoring(
+            rank_ratio=0.25, include=[r"net\.fc1"], calibration_steps=5, start_step=30, end_step=38, update_every=4
+        ),
+    ]
+
+
+def preempted_then_resumed(
+    quiet: dict[str, Any], callbacks: Callable[[], list[Callback]] = compression, **preemption: Any
+) -> tuple[ImageClassifier, PreemptionCheckpoint]:
     """A fit preempted at ``SIGNAL_STEP``, then a fresh model and Trainer resumed from the preemption checkpoint."""
     first = PreemptionCheckpoint(**preemption)
-    fit(quiet, [*compression(), first, SignalAt(SIGNAL_STEP)], MAX_STEPS)
+    fit(quiet, [*callbacks(), first, SignalAt(SIGNAL_STEP)], MAX_STEPS)
     assert first.saved is not None, "the fit was not preempted"
     pl.seed_everything(1)  # the resumed run must not depend on the state a fresh process starts in
     resumed = ImageClassifier(image_size=8)
-    trainer = pl.Trainer(max_steps=MAX_STEPS, callbacks=[*compression(), PreemptionCheckpoint(**preemption)], **quiet)
+    trainer = pl.Trainer(max_steps=MAX_STEPS, callbacks=[PreemptionCheckpoint(**preemption), *callbacks()], **quiet)
     trainer.fit(resumed, datamodule=DigitsDataModule(), ckpt_path="hpc")
     return resumed, first
 
@@ -80,6 +99,16 @@ def test_a_preempted_fit_resumes_mid_epoch_bitwise_equal_to_one_never_stopped(
     resumed, first = preempted_then_resumed(quiet_trainer_kwargs)
     assert first.saved == tmp_path / "hpc_ckpt_1.ckpt"
     assert torch.load(first.saved, weights_only=True)["global_step"] == SIGNAL_STEP + 1
+    assert_bitwise_equal(whole, resumed)
+
+
+@pytest.mark.slow
+def test_every_technique_and_stabiliser_resumes_bitwise_from_mid_calibration_and_mid_rewarm(
+    quiet_trainer_kwargs: dict[str, Any],
+) -> None:
+    whole = fit(quiet_trainer_kwargs, every_technique(), MAX_STEPS)
+    resumed, _ = preempted_then_resumed(quiet_trainer_kwargs, every_technique)
+    assert any(name.endswith("rank_mask") for name in whole.state_dict()), "low-rank never factorised"
     assert_bitwise_equal(whole, resumed)
 
 

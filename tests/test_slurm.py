@@ -3,7 +3,8 @@ a two-node pruning + QAT job completes with ranks on both nodes; a job preempted
 requeued and ends bitwise equal to one never stopped, with one checkpoint; a later job in the same root folder starts
 from scratch; bad input fails the job with a message, never a hang.
 
-Every job is 2 nodes x 1 task (DDP over gloo), ``LC_ACCELERATOR=cpu``. An epoch is 19 steps (2 ranks x 32 of 1,168
+Every job is 2 nodes x 1 task over gloo, ``LC_ACCELERATOR=cpu``; the whole and preempted pair runs under DDP and under
+DeepSpeed ZeRO-2, the multi-node script's default strategy. An epoch is 19 steps (2 ranks x 32 of 1,168
 digits): the preemption at step 22 is inside the second epoch, inside the pruning ramp and before the QAT observers
 freeze.
 """
@@ -122,11 +123,21 @@ def jobs(cluster: slurm_cluster.Cluster, workdir: Path) -> Jobs:
 PROBE = "--trainer.callbacks+=slurm_probe.RankReport"
 
 
-@pytest.fixture(scope="module")
-def whole_and_preempted(jobs: Jobs) -> tuple[str, str]:
+#: The strategies of the two-node jobs: DDP, and the multi-node script's default, DeepSpeed ZeRO-2 (Lightning's
+#: strategy with its CUDA-only refusals removed, tests/harness/cpu_deepspeed.py), whose checkpoint is a folder.
+STRATEGIES = {
+    "ddp": ("--trainer.strategy=ddp",),
+    "zero2": ("--trainer.strategy=cpu_deepspeed.CPUDeepSpeedStrategy", "--trainer.strategy.stage=2",
+              "--trainer.strategy.micro_batch_size=32"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(STRATEGIES))
+def whole_and_preempted(request: pytest.FixtureRequest, jobs: Jobs) -> tuple[str, str]:
     """The same job twice, at once: one never stopped, one preempted with ``scancel --signal=USR1`` at step 22."""
-    whole = jobs.submit(PROBE)
-    preempted = jobs.submit(PROBE, f"--trainer.callbacks.hold_at_step={HOLD_STEP}")
+    strategy = STRATEGIES[request.param]
+    whole = jobs.submit(PROBE, *strategy)
+    preempted = jobs.submit(PROBE, *strategy, f"--trainer.callbacks.hold_at_step={HOLD_STEP}")
     jobs.hold_until_both_ranks_wait(preempted)
     jobs.cluster.run("scancel", "--signal=USR1", preempted)
     for job in (whole, preempted):
@@ -174,9 +185,13 @@ def test_a_preempted_job_is_requeued_and_ends_bitwise_equal_to_one_never_stopped
         assert torch.equal(tensor, resumed[name]), name
 
 
-def test_one_preemption_writes_exactly_one_checkpoint(jobs: Jobs, whole_and_preempted: tuple[str, str]) -> None:
+def test_one_preemption_writes_exactly_one_checkpoint(
+    jobs: Jobs, whole_and_preempted: tuple[str, str], request: pytest.FixtureRequest
+) -> None:
     _, preempted = whole_and_preempted
     folder = jobs.run_dir(preempted)
+    deepspeed = request.node.callspec.params["whole_and_preempted"] != "ddp"
+    assert (folder / "hpc_ckpt_1.ckpt").is_dir() == deepspeed  # DeepSpeed's checkpoint: a folder of every rank's shards
     assert sorted(p.name for p in folder.iterdir() if "ckpt" in p.name or p.name.startswith(".writing")) == [
         "hpc_ckpt_1.ckpt"
     ]
