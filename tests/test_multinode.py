@@ -5,7 +5,8 @@ on conv2 and fc2, QAT on all four layers, adaptive clipping, warm-up with re-war
 Each node is its own torchrun, as on two hosts; Lightning reads the ranks from torchrun's environment and starts no
 process itself. The ranks must agree (the same weights, masks, factors and observer ranges on both nodes), the
 schedules must reach their targets, and the two-node DDP job must train bitwise the model that one node with two
-ranks trains.
+ranks trains. A ZeRO-3 job whose rank 1 alone receives SIGUSR1 mid-epoch and mid-schedule saves once on both nodes,
+stops, and resumes (a new pair of torchrun, ``ckpt_path="hpc"``) to bitwise the model of the job never stopped.
 
 An epoch is 19 steps (2 ranks x 32 of 1,168 digits); the 24 steps cross an epoch boundary.
 """
@@ -13,6 +14,7 @@ An epoch is 19 steps (2 ranks x 32 of 1,168 digits); the 24 steps cross an epoch
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -104,3 +106,24 @@ def test_two_nodes_train_bitwise_the_model_one_node_of_two_ranks_trains(fits: Ca
     one_node = fits("ddp", nodes=1).ranks[0]["state_dict"]
     assert two_nodes.keys() == one_node.keys()
     assert [key for key in two_nodes if not torch.equal(two_nodes[key], one_node[key])] == []
+
+
+SIGNAL_STEP = 10  # mid-epoch; mid ramp for low-rank and pruning, QAT observers live
+
+
+def test_a_zero3_job_signalled_on_one_node_stops_on_both_and_resumes_bitwise(
+    fits: Callable[..., FitResult], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    whole = fits("zero3")
+    folder = tmp_path_factory.mktemp("zero3-preempted")
+    preempted = replace(whole.spec, preemption=True, signal_at_step=SIGNAL_STEP, signal_rank=1)
+    stopped = run_torchrun_fit(preempted, folder)
+    assert [(r["global_step"], r.get("preempted")) for r in stopped.ranks] == [(SIGNAL_STEP + 1, True)] * 2
+    checkpoint = folder / "hpc_ckpt_1.ckpt"
+    assert checkpoint.is_dir() and [p.name for p in folder.glob("*ckpt*")] == ["hpc_ckpt_1.ckpt"]
+    resumed = run_torchrun_fit(replace(preempted, signal_at_step=None, resume_from="hpc"), folder)
+    assert [r["global_step"] for r in resumed.ranks] == [MAX_STEPS, MAX_STEPS]
+    assert f"Restored all states from the checkpoint at {checkpoint}" in resumed.log
+    expected, found = whole.ranks[0]["state_dict"], resumed.ranks[0]["state_dict"]
+    assert expected.keys() == found.keys()
+    assert [key for key in expected if not torch.equal(expected[key], found[key])] == []

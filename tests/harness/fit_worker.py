@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,7 @@ class RankSnapshot(Callback):
     def __init__(self, out_dir: Path, watch: MaskWatch | None = None) -> None:
         self.out_dir = out_dir
         self.watch = watch
+        self.saved = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = full_state_dict(pl_module)  # collective under ZeRO-3: runs on every rank
@@ -54,6 +57,29 @@ class RankSnapshot(Callback):
             snapshot["mask_checks"] = self.watch.records
             snapshot["masks"] = self.watch.masks(trainer)
         torch.save(snapshot, self.out_dir / f"rank{trainer.global_rank}.pt")
+        self.saved = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.saved = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A preempted fit never reaches ``on_train_end``: record the step it stopped at, without weights."""
+        if not self.saved:
+            snapshot = {"state_dict": {}, "global_step": trainer.global_step, "world_size": trainer.world_size,
+                        "node_rank": trainer.node_rank, "local_rank": trainer.local_rank, "preempted": True}  # fmt: skip
+            torch.save(snapshot, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class SignalAt(Callback):
+    """Sends SIGUSR1 to this process at the start of optimizer step ``step``, on global rank ``rank`` only."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank, self.sent = step, rank, False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def build_strategy(spec: dict[str, Any]) -> Any:
@@ -101,6 +127,12 @@ def fit(spec: dict[str, Any]) -> tuple[int, list[subprocess.Popen]]:
     watch = MaskWatch() if spec.get("watch_masks") else None
     callbacks += [watch] if watch else []
     callbacks.append(RankSnapshot(out_dir, watch))
+    if spec.get("preemption"):
+        from lightning_compress import PreemptionCheckpoint
+
+        callbacks.append(PreemptionCheckpoint(requeue=False))
+    if spec.get("signal_at_step") is not None:
+        callbacks.append(SignalAt(spec["signal_at_step"], spec["signal_rank"]))
     if spec.get("checkpoint_every_n_steps"):
         from pytorch_lightning.callbacks import ModelCheckpoint
 

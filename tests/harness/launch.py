@@ -39,6 +39,9 @@ class FitSpec:
     resume_from: str | None = None  # ckpt_path for trainer.fit
     monitor: bool = False  # add a CompressionMonitor logging to a CSVLogger in out_dir/csv
     csv_log: bool = False  # log every step to a CSVLogger in out_dir/csv (rank 0 writes it)
+    preemption: bool = False  # add PreemptionCheckpoint(requeue=False); resume its checkpoint with resume_from="hpc"
+    signal_at_step: int | None = None  # send SIGUSR1 to rank signal_rank alone at the start of this optimizer step
+    signal_rank: int = 0
 
 
 #: The OS threads of torch's gloo backend and TCPStore server. Alive at interpreter exit, a gloo worker still releasing
