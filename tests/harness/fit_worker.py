@@ -65,8 +65,14 @@ class RankSnapshot(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A preempted fit never reaches ``on_train_end``: record the step it stopped at, without weights."""
         if not self.saved:
-            snapshot = {"state_dict": {}, "global_step": trainer.global_step, "world_size": trainer.world_size,
-                        "node_rank": trainer.node_rank, "local_rank": trainer.local_rank, "preempted": True}  # fmt: skip
+            snapshot = {
+                "state_dict": {},
+                "global_step": trainer.global_step,
+                "world_size": trainer.world_size,
+                "node_rank": trainer.node_rank,
+                "local_rank": trainer.local_rank,
+                "preempted": True,
+            }
             torch.save(snapshot, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
