@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MULTINODE = REPO_ROOT / "slurm" / "train_multinode.sbatch"
+SINGLE_NODE = REPO_ROOT / "slurm" / "train.sbatch"
 MAX_STEPS = 30
 HOLD_STEP = 22
 RECIPE = f"""
@@ -87,10 +88,12 @@ class Jobs:
             "MASTER_PORT": "29400",  # a shell's leftover (CI's earlier tests leave one): two jobs must not share it
         }
 
-    def submit(self, *args: str, sbatch: tuple[str, ...] = (), recipe: str | None = None, **env: str) -> str:
+    def submit(
+        self, *args: str, sbatch: tuple[str, ...] = (), recipe: str | None = None, script: Path = MULTINODE, **env: str
+    ) -> str:
         recipe = str(self.workdir / "recipe.yaml") if recipe is None else recipe
         return self.cluster.submit(
-            f"--output={self.workdir}/slurm-%j.out", *sbatch, str(MULTINODE), recipe, *args,
+            f"--output={self.workdir}/slurm-%j.out", *sbatch, str(script), recipe, *args,
             cwd=self.workdir, env={**self.env, **env},
         )  # fmt: skip
 
@@ -198,7 +201,7 @@ def test_one_preemption_writes_exactly_one_checkpoint(
     manifest = json.loads((folder / "preemption.json").read_text())
     assert manifest["checkpoints"]["hpc_ckpt_1.ckpt"]["job"] == preempted
     assert jobs.output(preempted).count("PreemptionCheckpoint: step") == 1
-    assert f"PreemptionCheckpoint: requeued SLURM job {preempted}" in jobs.output(preempted)
+    assert f"PreemptionCheckpoint: requeueing SLURM job {preempted}" in jobs.output(preempted)
 
 
 def test_a_later_job_in_the_same_root_folder_starts_from_scratch(
@@ -210,6 +213,17 @@ def test_a_later_job_in_the_same_root_folder_starts_from_scratch(
     assert [r["start_step"] for r in jobs.reports(later)] == [0, 0]
     assert "Restored all states" not in jobs.output(later)
     assert jobs.run_dir(later) != jobs.run_dir(preempted)
+
+
+def test_the_single_node_script_runs_one_rank_per_task_on_one_node(jobs: Jobs) -> None:
+    job = jobs.submit(PROBE, "--trainer.max_steps=4", sbatch=("--ntasks-per-node=2",), script=SINGLE_NODE)
+    assert jobs.wait(job)["JobState"] == "COMPLETED", jobs.output(job)
+    reports = jobs.reports(job)
+    assert [(r["world_size"], r["num_nodes"], r["global_rank"], r["end_step"]) for r in reports] == [
+        (2, 1, 0, 4),
+        (2, 1, 1, 4),
+    ]
+    assert len({r["slurm_node"] for r in reports}) == 1
 
 
 @pytest.mark.parametrize(

@@ -194,10 +194,10 @@ class PreemptionCheckpoint(Callback):
         trainer.strategy.barrier("PreemptionCheckpoint.commit")
         self.saved = final
         if trainer.is_global_zero and self.should_requeue():
+            if self.job is not None:  # said first: a requeue stops the job's steps, maybe before this line is out
+                rank_zero_info(f"PreemptionCheckpoint: requeueing SLURM job {self.job}")
             problem = slurm.requeue(self.job) if self.job is not None else "this is not a SLURM job"
-            if problem is None:
-                rank_zero_info(f"PreemptionCheckpoint: requeued SLURM job {self.job}")
-            else:
+            if problem is not None:
                 warn = submodule("utilities").rank_zero_warn
                 warn(f"PreemptionCheckpoint: could not requeue ({problem}); {final} is saved")
         end_fit_now()  # teardown runs; on_train_end and on_fit_end (int8 conversion, exports, reports) do not
