@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from digits_fits import fit
+from signal_at import SignalAt
 
 from lightning_compress import (
     CheckpointRefused,
@@ -35,18 +36,6 @@ from lightning_compress.models import ImageClassifier
 
 MAX_STEPS = 40
 SIGNAL_STEP = 26  # the signal arrives during step 26; the checkpoint holds 27 steps
-
-
-class SignalAt(Callback):
-    """Sends the scheduler's warning signal to this process at the start of optimizer step ``step``."""
-
-    def __init__(self, step: int, signum: int = signal.SIGUSR1) -> None:
-        self.step, self.signum, self.sent = step, signum, False
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if trainer.global_step == self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
 
 
 def compression() -> list[Callback]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from launch import exit_record
 from mask_watch import MaskWatch
+from signal_at import SignalAt
 
 from lightning_compress._lightning import Callback, pl
 from lightning_compress.data import DigitsDataModule
@@ -34,6 +33,16 @@ from lightning_compress.models import ImageClassifier
 from lightning_compress.teardown import destroy_process_groups
 
 CHILD_EXIT_TIMEOUT_S = 120  # a rank that finished training ends within seconds
+
+
+def where(trainer: pl.Trainer) -> dict[str, int]:
+    """Which rank of which world this process is, and the step it reached."""
+    return {
+        "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
+        "node_rank": trainer.node_rank,
+        "local_rank": trainer.local_rank,
+    }
 
 
 class RankSnapshot(Callback):
@@ -46,13 +55,7 @@ class RankSnapshot(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = full_state_dict(pl_module)  # collective under ZeRO-3: runs on every rank
-        snapshot = {
-            "state_dict": state,
-            "global_step": trainer.global_step,
-            "world_size": trainer.world_size,
-            "node_rank": trainer.node_rank,
-            "local_rank": trainer.local_rank,
-        }
+        snapshot = {"state_dict": state, **where(trainer)}
         if self.watch is not None:
             snapshot["mask_checks"] = self.watch.records
             snapshot["masks"] = self.watch.masks(trainer)
@@ -65,27 +68,8 @@ class RankSnapshot(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A preempted fit never reaches ``on_train_end``: record the step it stopped at, without weights."""
         if not self.saved:
-            snapshot = {
-                "state_dict": {},
-                "global_step": trainer.global_step,
-                "world_size": trainer.world_size,
-                "node_rank": trainer.node_rank,
-                "local_rank": trainer.local_rank,
-                "preempted": True,
-            }
+            snapshot = {"state_dict": {}, **where(trainer), "preempted": True}
             torch.save(snapshot, self.out_dir / f"rank{trainer.global_rank}.pt")
-
-
-class SignalAt(Callback):
-    """Sends SIGUSR1 to this process at the start of optimizer step ``step``, on global rank ``rank`` only."""
-
-    def __init__(self, step: int, rank: int) -> None:
-        self.step, self.rank, self.sent = step, rank, False
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if trainer.global_rank == self.rank and trainer.global_step == self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def build_strategy(spec: dict[str, Any]) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -158,7 +159,9 @@ def run_torchrun_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitR
             f"--nproc-per-node={spec.devices}", "--master-addr=127.0.0.1", f"--master-port={port}",
             *command[1:],
         ]  # fmt: skip
-        proc = subprocess.Popen(torchrun, env=subprocess_env(), cwd=out_dir, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            torchrun, env=subprocess_env(), cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         nodes.append((proc, log))
     deadline = time.monotonic() + timeout
     codes = []
@@ -169,8 +172,8 @@ def run_torchrun_fit(spec: FitSpec, out_dir: Path, timeout: float = 300) -> FitR
         codes.append("timeout")
     finally:
         for proc, log in nodes:
-            if proc.poll() is None:
-                proc.kill()
+            if proc.poll() is None:  # the agent and the ranks it started
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             log.close()
     logs = [(out_dir / f"node{r}.log").read_text() for r in range(spec.num_nodes)]
