@@ -92,13 +92,45 @@ def mask_(params: Sequence[nn.Parameter], masks: Sequence[torch.Tensor]) -> None
 
 
 def _mask_zero3_shard(param: nn.Parameter, mask: torch.Tensor) -> None:
-    """ZeRO-3: this rank holds elements ``[rank * n, (rank + 1) * n)`` of the flattened parameter (padded at the end),
-    in the module's ``ds_tensor`` and in the fp32 partition alike."""
-    shard = param.ds_tensor
-    piece = _zero3_piece(param, mask.to(torch.bool), pad=True)  # padding stays as it is
-    shard.data.mul_(piece.view_as(shard))
-    if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
-        _mask_fp32_master(param, piece)
+    mask_shards_([param], [shard_of(param, mask.to(torch.bool), pad=True)])  # padding stays as it is
+
+
+def mask_shards_(params: Sequence[nn.Parameter], pieces: Sequence[torch.Tensor]) -> None:
+    """ZeRO-3: multiply each rank's own shard of each parameter by ``piece`` (this rank's part of the mask, as
+    :func:`shard_of` slices it), in the module's ``ds_tensor`` and in the optimizer's fp32 partition alike. Local."""
+    for param, piece in zip(params, pieces, strict=True):
+        shard = param.ds_tensor
+        shard.data.mul_(piece.view_as(shard).to(shard.device))
+        if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
+            _mask_fp32_master(param, piece)
+
+
+def shard_range(param: nn.Parameter) -> tuple[int, int, int]:
+    """ZeRO-3: ``(start, valid, size)``: this rank holds elements ``[start, start + size)`` of the flattened
+    parameter, of which the first ``valid`` exist (the last partition is padded)."""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    return start, max(0, min(size, param.ds_numel - start)), size
+
+
+def shard_of(param: nn.Parameter, value: torch.Tensor, pad: bool | float = 0.0) -> torch.Tensor:
+    """ZeRO-3: this rank's part of a full-shaped ``value`` (see :func:`shard_range`), padded with ``pad``."""
+    return _zero3_piece(param, value, pad)
+
+
+def unshard(param: nn.Parameter, piece: torch.Tensor) -> torch.Tensor:
+    """ZeRO-3: the full-shaped value whose shards the ranks hold as ``piece`` (collective over the parameter's
+    process group: every rank, the same order). Bool pieces travel as bytes."""
+    import torch.distributed as dist
+
+    group = param.ds_process_group
+    wire = piece.to(torch.uint8) if piece.dtype == torch.bool else piece
+    parts = [torch.empty_like(wire) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(parts, wire.contiguous(), group=group)
+    full = torch.cat(parts)[: param.ds_numel].view(full_shape(param))
+    return full.to(torch.bool) if piece.dtype == torch.bool else full
 
 
 def _mask_fp32_master(param: nn.Parameter, piece: torch.Tensor) -> None:

@@ -86,8 +86,34 @@ class Pattern:
     def masks(
         self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Masks (True = keep) for ``weights`` at ``sparsity``; ``masks`` are the current ones (keep them pruned)."""
+        """Masks (True = keep) for ``weights`` at ``sparsity``; ``masks`` are the current ones (keep them pruned).
+
+        By default: the units' scores, the lowest :meth:`unit_fraction` of them in ``scope`` chosen, and the masks
+        built from the choice. A pattern may override this instead of the three unit methods; under ZeRO-3 it is
+        then computed on gathered weights."""
+        scores = {name: self.unit_scores(w, masks.get(name)) for name, w in weights.items()}
+        chosen = lowest_in_scope(scores, self.unit_fraction(sparsity), scope)
+        return {name: self.masks_for_units(w, masks.get(name), chosen[name]) for name, w in weights.items()}
+
+    # A pattern prunes *units* (single weights, channels, N:M groups): the methods below split it into scoring,
+    # ranking and mask building, so the ranking can also run over shards on several ranks (ZeRO-3, ``sharded.py``).
+
+    def unit_fraction(self, sparsity: float) -> float:
+        """The fraction of units to prune for a weight ``sparsity``."""
+        return sparsity
+
+    def unit_scores(self, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """1-D scores of the units of one ``(out, in, ...)`` weight, pruned units at ``PRUNED``; lowest go first."""
         raise NotImplementedError
+
+    def masks_for_units(self, weight: torch.Tensor, mask: torch.Tensor | None, chosen: torch.Tensor) -> torch.Tensor:
+        """The weight's mask (True = keep) with the units ``chosen`` (1-D bool, as :meth:`unit_scores`) pruned."""
+        raise NotImplementedError
+
+    @property
+    def has_units(self) -> bool:
+        """Whether the pattern implements the unit methods (else only :meth:`masks`)."""
+        return type(self).unit_scores is not Pattern.unit_scores
 
     def __str__(self) -> str:
         return self.name
@@ -98,12 +124,11 @@ class Pattern:
 class Unstructured(Pattern):
     name: ClassVar[str] = "unstructured"
 
-    def masks(
-        self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        scores = {name: magnitude(w, masks.get(name)).flatten() for name, w in weights.items()}
-        pruned = lowest_in_scope(scores, sparsity, scope)
-        return {name: ~chosen.view_as(weights[name]) for name, chosen in pruned.items()}
+    def unit_scores(self, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return magnitude(weight, mask).flatten()
+
+    def masks_for_units(self, weight: torch.Tensor, mask: torch.Tensor | None, chosen: torch.Tensor) -> torch.Tensor:
+        return ~chosen.view_as(weight)
 
 
 @register_pattern
@@ -121,15 +146,11 @@ class Channel(Pattern):
             )
         super().check_scope(scope)
 
-    def masks(
-        self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        result = {}
-        for name, weight in weights.items():
-            norms = row_norms(weight, masks.get(name))
-            keep_rows = ~lowest(norms, round(sparsity * norms.numel()))
-            result[name] = keep_rows.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
-        return result
+    def unit_scores(self, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return row_norms(weight, mask)
+
+    def masks_for_units(self, weight: torch.Tensor, mask: torch.Tensor | None, chosen: torch.Tensor) -> torch.Tensor:
+        return (~chosen).view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
 
 
 _N_M = re.compile(r"(\d+):(\d+)")
@@ -169,28 +190,24 @@ class NM(Pattern):
                 f" HINT: add {name!r} to `exclude`."
             )
 
-    def masks(
-        self, scope: Scope, sparsity: float, weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        group_fraction = min(1.0, sparsity / self.fixed_sparsity)
-        grouped = {name: _groups(magnitude(w, masks.get(name)), self.m) for name, w in weights.items()}
-        # Within a group keep the N largest; a group's cost is the magnitude its M-N smallest would lose.
-        order = {name: torch.argsort(g, dim=1, descending=True, stable=True) for name, g in grouped.items()}
-        costs = {
-            name: torch.gather(g, 1, order[name][:, self.n :])
-            .clamp_min(0)
-            .sum(dim=1)
-            .masked_fill((g == PRUNED).any(dim=1), PRUNED)
-            for name, g in grouped.items()
-        }
-        chosen = lowest_in_scope(costs, group_fraction, scope)
-        result = {}
-        for name, g in grouped.items():
-            keep = torch.ones_like(g, dtype=torch.bool)
-            keep.scatter_(1, order[name][:, self.n :], False)
-            keep[~chosen[name]] = True  # groups not yet chosen stay dense
-            result[name] = _ungroup(keep, weights[name])
-        return result
+    def unit_fraction(self, sparsity: float) -> float:
+        return min(1.0, sparsity / self.fixed_sparsity)
+
+    def unit_scores(self, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """A group's cost: the magnitude its M-N smallest weights would lose (a group holding a pruned weight is
+        already N:M, and scores ``PRUNED``)."""
+        grouped = _groups(magnitude(weight, mask), self.m)
+        smallest = torch.sort(grouped, dim=1, descending=True, stable=True).values[:, self.n :]
+        return smallest.clamp_min(0).sum(dim=1).masked_fill((grouped == PRUNED).any(dim=1), PRUNED)
+
+    def masks_for_units(self, weight: torch.Tensor, mask: torch.Tensor | None, chosen: torch.Tensor) -> torch.Tensor:
+        """Within a chosen group keep the N largest (ties: the earlier); groups not chosen stay dense."""
+        grouped = _groups(magnitude(weight, mask), self.m)
+        order = torch.argsort(grouped, dim=1, descending=True, stable=True)
+        keep = torch.ones_like(grouped, dtype=torch.bool)
+        keep.scatter_(1, order[:, self.n :], False)
+        keep[~chosen] = True
+        return _ungroup(keep, weight)
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
