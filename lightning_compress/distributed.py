@@ -84,7 +84,7 @@ def mask_(params: Sequence[nn.Parameter], masks: Sequence[torch.Tensor]) -> None
         if is_zero3_partitioned(param):
             _mask_zero3_shard(param, mask)
             continue
-        param.data.mul_(mask.to(param.device))
+        param.data.mul_(mask.to(param.device).view_as(param.data))
         mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2 (and the bf16 optimizer): this rank's fragment
         if mapping is not None:
             address = mapping.lp_fragment_address
@@ -92,7 +92,17 @@ def mask_(params: Sequence[nn.Parameter], masks: Sequence[torch.Tensor]) -> None
 
 
 def _mask_zero3_shard(param: nn.Parameter, mask: torch.Tensor) -> None:
+    """ZeRO-3 with a full-shaped mask: this rank's shard, and a persistent parameter's whole copy as well."""
     mask_shards_([param], [shard_of(param, mask.to(torch.bool), pad=True)])  # padding stays as it is
+    if is_zero3_persistent(param) and param.data.numel() == param.ds_numel:  # whole now: forward reads this copy
+        param.data.mul_(mask.to(param.device).view_as(param.data))
+
+
+def is_zero3_persistent(param: nn.Parameter) -> bool:
+    """ZeRO-3 keeps a parameter below ``stage3_param_persistence_threshold`` elements whole on every rank once
+    gathered, as well as its shard; that copy is what forward uses (re-gathered after each optimizer step), so an
+    edit of the shard alone does not reach forward until the next step."""
+    return bool(getattr(param, "ds_persist", False))
 
 
 def mask_shards_(params: Sequence[nn.Parameter], pieces: Sequence[torch.Tensor]) -> None:
@@ -103,6 +113,28 @@ def mask_shards_(params: Sequence[nn.Parameter], pieces: Sequence[torch.Tensor])
         shard.data.mul_(piece.view_as(shard).to(shard.device))
         if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
             _mask_fp32_master(param, piece)
+
+
+def mask_local_grads_(params: Sequence[nn.Parameter], pieces: Sequence[torch.Tensor]) -> None:
+    """ZeRO-3, between backward and the optimizer step: multiply this rank's gradient partition of each parameter
+    by ``piece`` (its part of the mask). Local."""
+    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+    for param, piece in zip(params, pieces, strict=True):
+        grad = safe_get_local_grad(param)
+        if grad is not None:
+            safe_set_local_grad(param, grad.mul_(piece.view_as(grad).to(grad.device)))
+
+
+def sum_across_ranks(values: Sequence[int], param: nn.Parameter) -> list[int]:
+    """ZeRO-3: each of ``values`` summed over the ranks of ``param``'s process group (one collective)."""
+    import torch.distributed as dist
+
+    group = param.ds_process_group
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    total = torch.tensor(list(values), dtype=torch.int64, device=device)
+    dist.all_reduce(total, group=group)
+    return [int(v) for v in total.cpu()]
 
 
 def shard_range(param: nn.Parameter) -> tuple[int, int, int]:

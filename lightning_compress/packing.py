@@ -162,7 +162,7 @@ def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(_SAME_SIZE_INT[tensor.element_size()])
 
 
-def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A 1-D bool tensor as bits, 8 to a byte, most significant bit first, the last byte padded with zeros."""
     padded = torch.zeros(math.ceil(mask.numel() / 8) * 8, dtype=torch.uint8, device=mask.device)
     padded[: mask.numel()] = mask
@@ -172,7 +172,14 @@ def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def _unpack_mask(parts: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
     """The 1-D bool mask of ``numel`` elements stored in part ``bitmask``, validated."""
-    bitmask = _check_part(parts, "bitmask", torch.Size([math.ceil(numel / 8)]), torch.uint8)
+    return unpack_mask(_check_part(parts, "bitmask", torch.Size([math.ceil(numel / 8)]), torch.uint8), numel)
+
+
+def unpack_mask(bitmask: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 1-D bool mask of ``numel`` elements that :func:`pack_mask` packed into ``bitmask``."""
+    if bitmask.dtype != torch.uint8 or bitmask.shape != (math.ceil(numel / 8),):
+        raise PackingError(f"a packed mask of {numel} elements is {math.ceil(numel / 8)} uint8 bytes; got"
+                           f" {tuple(bitmask.shape)} {bitmask.dtype}.")  # fmt: skip
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bitmask.device)
     bits = ((bitmask.view(-1, 1) & weights) != 0).reshape(-1)
     if bool(bits[numel:].any()):
@@ -199,7 +206,7 @@ class BitmaskCodec(Codec):
         flat = tensor.detach().reshape(-1)
         mask = flat != 0
         values = _as_bits(flat)[mask].view(flat.dtype)  # integer copy: bit-exact for every float
-        return {"bitmask": _pack_mask(mask), "values": values}, _base_meta(tensor)
+        return {"bitmask": pack_mask(mask), "values": values}, _base_meta(tensor)
 
     def unpack(self, parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
         shape, dtype = meta_shape_dtype(meta)
@@ -280,7 +287,7 @@ class BitmaskInt4Codec(Codec):
     def pack(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         flat = tensor.detach().reshape(-1)
         mask = flat != 0
-        return {"bitmask": _pack_mask(mask), "nibbles": _pack_nibbles(flat[mask])}, _base_meta(tensor)
+        return {"bitmask": pack_mask(mask), "nibbles": _pack_nibbles(flat[mask])}, _base_meta(tensor)
 
     def unpack(self, parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
         shape, dtype = meta_shape_dtype(meta)

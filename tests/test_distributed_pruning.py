@@ -66,6 +66,39 @@ def test_the_saved_checkpoint_holds_the_zeros(name: str, pruned_fit: Callable[..
     assert zeros / total >= TARGET - 0.005
 
 
+def test_zero3_parameters_kept_whole_are_masked_where_forward_reads_them(pruned_fit: Callable[..., FitResult]) -> None:
+    """DeepSpeed's default keeps every parameter under 1e5 elements whole on each rank besides its shard, and forward
+    reads that copy: the masks must reach it (they once reached the shards alone, and forward saw pruned weights)."""
+    result = pruned_fit("zero3", zero3_persistence_threshold=100_000)
+    for rank, ranks_result in enumerate(result.ranks):
+        checks = ranks_result["mask_checks"]
+        assert [c["step"] for c in checks] == list(range(1, 25))
+        assert all(c["module_nonzeros_under_mask"] == c["master_nonzeros_under_mask"] == 0 for c in checks), rank
+        assert checks[-1]["sparsity"] == pytest.approx(TARGET, abs=0.005)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_the_deepspeed_checkpoint_holds_the_full_masks(name: str, pruned_fit: Callable[..., FitResult]) -> None:
+    """DeepSpeed writes the callbacks' state with the model states (ZeRO-3: one file per rank, each read back by its
+    rank on resume). Each holds every rank's part of the masks, full-shaped (packed 8 to a byte): a state that does
+    not depend on the number of ranks."""
+    from lightning_compress.packing import unpack_mask
+
+    result = pruned_fit(name)
+    files = sorted((result.out_dir / "final.ckpt" / "checkpoint").glob("*model_states.pt"))
+    assert len(files) == (2 if name == "zero3" else 1), files
+    masks = result.ranks[0]["masks"]
+    for path in files:
+        client = torch.load(path, weights_only=False)
+        (state,) = [v for k, v in client["callbacks"].items() if k.startswith("GradualPruning")]
+        assert state["masks"].keys() == masks.keys() and masks
+        for key, mask in masks.items():
+            saved = state["masks"][key]
+            assert saved["shape"] == list(mask.shape), key
+            assert torch.equal(unpack_mask(saved["bits"], mask.numel()).view(mask.shape), mask), (path.name, key)
+        assert state["mask_sparsity"] == TARGET
+
+
 def test_negative_control_a_module_only_mask_is_erased_by_zero2(pruned_fit: Callable[..., FitResult]) -> None:
     """The check above can fail: writing masks into the module alone (no fp32 master) leaves non-zeros."""
     checks = pruned_fit("zero2", mask_module_only=True).ranks[0]["mask_checks"]

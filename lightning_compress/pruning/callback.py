@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import arguments, composition, distributed, events, teardown
+from lightning_compress import arguments, composition, distributed, events, packing, teardown
 from lightning_compress._lightning import Callback, logs_this_step, pl
+from lightning_compress.pruning import sharded
 from lightning_compress.pruning.patterns import SCOPES, Pattern, Scope, compute_masks
 from lightning_compress.ramp import Ramped, StepRamp
 from lightning_compress.schedules import ScheduleName
@@ -35,6 +37,12 @@ class GradualPruning(composition.Composable, Ramped, Callback):
     weights that are set back to zero after the step, and a global-norm or unit-wise (AGC) clip scales the live
     weights' updates down by it. No reparametrisation: the hooks go at fit end, and the module stays a plain
     module, deep-copyable and ready for export.
+
+    Under DeepSpeed ZeRO-3 no rank holds the whole model, and pruning keeps it so: each rank keeps the masks of its
+    own shard of each weight (``masks`` then holds those shards; :meth:`full_masks` puts them together), computes
+    them without gathering the model (:mod:`lightning_compress.pruning.sharded`: the same masks the gathered weights
+    give), and masks its own gradient partitions after backward instead of the full gradients during it. The
+    checkpoint holds the full masks, packed 8 to a byte, whatever the strategy or the number of ranks.
 
     Args:
         target_sparsity: fraction of the targeted weights that are zero from ``end_step`` on, in [0, 1).
@@ -88,7 +96,7 @@ class GradualPruning(composition.Composable, Ramped, Callback):
         self.log_per_layer = arguments.flag("log_per_layer", log_per_layer)
         # State (saved in checkpoints): the masks by parameter name, the sparsity they were built for, the step
         # last masked, and the weights to rewind to.
-        self.masks: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}  # by parameter name; under ZeRO-3 this rank's shard of each
         self.mask_sparsity = 0.0
         self.last_step = -1
         self.rewind_values: dict[str, torch.Tensor] = {}
@@ -96,7 +104,9 @@ class GradualPruning(composition.Composable, Ramped, Callback):
         self._transposed: set[str] = set()  # weight names stored (in, out): masks are computed on their transpose
         self._params: dict[str, nn.Parameter] = {}
         self._prepared_for: nn.Module | None = None
-        self._measured: tuple[dict[str, torch.Tensor], float] | None = None  # (masks, their sparsity)
+        self._sharded = False  # ZeRO-3: masks are this rank's shards
+        self._saved_masks: dict[str, Any] = {}  # as loaded from a checkpoint, until the parameters are known
+        self._zeros: dict[str, int] = {}  # pruned entries of each masked parameter (all ranks together)
         self._multipliers: tuple[dict[str, torch.Tensor], list[str], list[torch.Tensor]] | None = None
         self._grad_hooks: list[Any] = []  # removable handles of the gradient-masking hooks, while fit runs
         self._grad_multipliers: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -155,7 +165,10 @@ class GradualPruning(composition.Composable, Ramped, Callback):
             for module_name in self._targets.values():
                 if getattr(pl_module.get_submodule(module_name), "bias", None) is not None:
                     self._params[f"{module_name}.bias"] = pl_module.get_parameter(f"{module_name}.bias")
-        self.masks = {name: mask.to(self._params[name].device) for name, mask in self.masks.items()}
+        self._sharded = any(distributed.is_zero3_partitioned(p) for p in self._params.values())
+        if self._saved_masks:
+            self._set_masks({name: self._restored(name, saved) for name, saved in self._saved_masks.items()})
+            self._saved_masks = {}
         step = trainer.global_step
         if self.rewind_step == step and not self.rewind_values:
             self._snapshot_for_rewind()
@@ -166,8 +179,16 @@ class GradualPruning(composition.Composable, Ramped, Callback):
         self._grad_hooks = [
             param.register_hook(functools.partial(self._mask_grad, name))
             for name, param in self._params.items()
-            if param.requires_grad
+            if param.requires_grad and not self._sharded  # ZeRO-3: on_after_backward masks the partitions
         ]
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """ZeRO-3: zero the pruned entries of this rank's gradient partitions, before clipping and the step read
+        them (the same gradients the full-gradient hook gives elsewhere: a mask commutes with the reduction)."""
+        if self._sharded and self.masks:
+            names = [name for name in self._params if name in self.masks and self._params[name].requires_grad]
+            distributed.mask_local_grads_([self._params[n] for n in names], [self.masks[n] for n in names])
 
     @override
     def on_train_batch_end(
@@ -197,8 +218,14 @@ class GradualPruning(composition.Composable, Ramped, Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """The masks full-shaped (whatever the strategy and the number of ranks), packed 8 to a byte. Under ZeRO-3
+        a collective that puts them together one layer at a time: Lightning calls it on every rank."""
+        masks = self._saved_masks or {
+            name: {"shape": list(full.shape), "bits": packing.pack_mask(full.flatten())}
+            for name, full in self._full_masks_one_by_one()
+        }
         return {
-            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "masks": masks,
             "mask_sparsity": self.mask_sparsity,
             "last_step": self.last_step,
             "rewind_values": {name: value.cpu() for name, value in self.rewind_values.items()},
@@ -206,7 +233,8 @@ class GradualPruning(composition.Composable, Ramped, Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.masks = dict(state_dict["masks"])
+        self._saved_masks = dict(state_dict["masks"])  # unpacked, or sharded, once the parameters are known
+        self.masks, self._zeros = {}, {}
         self.mask_sparsity = float(state_dict["mask_sparsity"])
         self.last_step = int(state_dict["last_step"])
         self.rewind_values = dict(state_dict["rewind_values"])
@@ -215,19 +243,45 @@ class GradualPruning(composition.Composable, Ramped, Callback):
 
     def sparsity(self) -> float:
         """Fraction of the targeted weights that the masks zero (biases not counted); counted when masks change."""
-        if self._measured is None or self._measured[0] is not self.masks:
-            weights = [self.masks[name] for name in self._targets if name in self.masks]
-            total = sum(mask.numel() for mask in weights)
-            zeros = sum(int(mask.numel() - mask.count_nonzero()) for mask in weights)
-            self._measured = (self.masks, zeros / total if total else 0.0)
-        return self._measured[1]
+        weights = [name for name in self._targets if name in self._zeros]
+        total = sum(self._numel(name) for name in weights)
+        return sum(self._zeros[name] for name in weights) / total if total else 0.0
 
     def layer_sparsity(self) -> dict[str, float]:
         return {
-            module: float((~self.masks[weight]).float().mean())
+            module: self._zeros[weight] / self._numel(weight)
             for weight, module in self._targets.items()
-            if weight in self.masks
+            if weight in self._zeros
         }
+
+    def full_masks(self) -> dict[str, torch.Tensor]:
+        """The full-shaped masks on the CPU, under any strategy; a collective under ZeRO-3 (every rank calls it)."""
+        return dict(self._full_masks_one_by_one())
+
+    def _full_masks_one_by_one(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, mask in self.masks.items():
+            yield name, (distributed.unshard(self._params[name], mask) if self._sharded else mask).cpu()
+
+    def _numel(self, name: str) -> int:
+        return distributed.full_shape(self._params[name]).numel()
+
+    def _set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Take ``masks`` (full-shaped, or this rank's shards under ZeRO-3) and count what they prune."""
+        self.masks = masks
+        if not self._sharded or not masks:
+            self._zeros = {name: int(mask.numel() - mask.count_nonzero()) for name, mask in masks.items()}
+            return
+        names = list(masks)
+        local = [int((~masks[n][: distributed.shard_range(self._params[n])[1]]).sum()) for n in names]
+        self._zeros = dict(zip(names, distributed.sum_across_ranks(local, self._params[names[0]]), strict=True))
+
+    def _restored(self, name: str, saved: Any) -> torch.Tensor:
+        """A mask from a checkpoint (packed, or a bool tensor as older versions wrote it), as this rank keeps it."""
+        param = self._params[name]
+        if isinstance(saved, dict):
+            shape = torch.Size(saved["shape"])
+            saved = packing.unpack_mask(saved["bits"], shape.numel()).view(shape)
+        return distributed.shard_of(param, saved, pad=True) if self._sharded else saved.to(param.device)
 
     def _update(self, pl_module: pl.LightningModule, step: int, log: bool) -> None:
         """Recompute the masks if ``step`` is on the update grid and the schedule asks for more sparsity."""
@@ -236,13 +290,8 @@ class GradualPruning(composition.Composable, Ramped, Callback):
             return
         sparsity = self.scheduled_sparsity(step)
         if sparsity > self.mask_sparsity or not self.masks:
-            names = list(self._targets)
-            weights = dict(zip(names, distributed.full_values([self._params[n] for n in names]), strict=True))
-            masks = self._out_in(compute_masks(self.pattern, self.scope, sparsity, self._out_in(weights),
-                                               self._out_in(self.masks)))  # fmt: skip
-            if self.pattern.prunes_bias:
-                masks.update(self._bias_masks(masks))
-            self.masks, self.mask_sparsity = masks, sparsity
+            self._set_masks(self._sharded_masks(sparsity) if self._sharded else self._gathered_masks(sparsity))
+            self.mask_sparsity = sparsity
             detail = {"sparsity": self.sparsity(), "pattern": str(self.pattern)}
             events.publish(pl_module.trainer, events.CompressionEvent(step, self.state_key, events.MASKS, detail))
         if step >= self.end_step and self.rewind_values:
@@ -254,6 +303,27 @@ class GradualPruning(composition.Composable, Ramped, Callback):
                 on_step=True,
                 on_epoch=False,
             )
+
+    def _gathered_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
+        names = list(self._targets)
+        weights = dict(zip(names, distributed.full_values([self._params[n] for n in names]), strict=True))
+        masks = self._out_in(compute_masks(self.pattern, self.scope, sparsity, self._out_in(weights),
+                                           self._out_in(self.masks)))  # fmt: skip
+        if self.pattern.prunes_bias:
+            masks.update(self._bias_masks(masks))
+        return masks
+
+    def _sharded_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
+        """ZeRO-3: this rank's shards of the masks, computed without gathering the model."""
+        weights = {name: self._params[name] for name in self._targets}
+        masks = sharded.shard_masks(self.pattern, self.scope, sparsity, weights, self.masks, self._transposed)
+        if self.pattern.prunes_bias:  # one layer's weight mask at a time gives its bias mask
+            for weight, module in self._targets.items():
+                bias = self._params.get(f"{module}.bias")
+                if bias is not None:
+                    rows = self._out_in({weight: distributed.unshard(weights[weight], masks[weight])})[weight]
+                    masks[f"{module}.bias"] = distributed.shard_of(bias, rows.flatten(1).any(dim=1), pad=True)
+        return masks
 
     def _out_in(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weights (or masks) with the transposed ones turned to ``(out, in)``, the layout patterns work in; and back
@@ -273,13 +343,22 @@ class GradualPruning(composition.Composable, Ramped, Callback):
             names = [name for name in self._params if name in self.masks]
             self._multipliers = (self.masks, names, [self._multiplier(n) for n in names])
         _, names, multipliers = self._multipliers
-        distributed.mask_([self._params[n] for n in names], multipliers)
+        if not self._sharded:
+            distributed.mask_([self._params[n] for n in names], multipliers)
+            return
+        shards = [i for i, n in enumerate(names) if not distributed.is_zero3_persistent(self._params[n])]
+        whole = [i for i in range(len(names)) if i not in shards]
+        distributed.mask_shards_([self._params[names[i]] for i in shards], [multipliers[i] for i in shards])
+        distributed.mask_([self._params[names[i]] for i in whole], [multipliers[i] for i in whole])
 
     def _multiplier(self, name: str) -> torch.Tensor:
         """The mask in the parameter's dtype: a multiply by it is ~8x faster than by a bool mask. Not for ZeRO-3
-        shards, whose masks are sliced per rank (a full-size copy per rank would undo the partitioning)."""
+        shard masks, kept bool: a float copy would cost as much memory as the rank's share of the weights. A
+        parameter ZeRO-3 keeps whole (below its persistence threshold) needs its whole mask (a collective)."""
         param, mask = self._params[name], self.masks[name]
-        return mask if distributed.is_zero3_partitioned(param) else mask.to(param.device, param.dtype)
+        if self._sharded:
+            return distributed.unshard(param, mask) if distributed.is_zero3_persistent(param) else mask
+        return mask.to(param.device, param.dtype)
 
     def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
         """The tensor hook: ``grad`` with the pruned entries zeroed (the full-shape gradient, also under ZeRO-3);

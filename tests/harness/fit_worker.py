@@ -74,9 +74,12 @@ class RankSnapshot(Callback):
 
 def build_strategy(spec: dict[str, Any]) -> Any:
     if spec["strategy"] == "deepspeed":
-        from cpu_deepspeed import CPUDeepSpeedStrategy
+        from cpu_deepspeed import CPUDeepSpeedStrategy, deepspeed_config
 
-        return CPUDeepSpeedStrategy(stage=spec["zero_stage"], micro_batch_size=spec["batch_size"])
+        config = deepspeed_config(spec["zero_stage"], spec["batch_size"])
+        if spec["zero_stage"] == 3:
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = spec["zero3_persistence_threshold"]
+        return CPUDeepSpeedStrategy(stage=spec["zero_stage"], micro_batch_size=spec["batch_size"], config=config)
     return spec["strategy"]
 
 

@@ -29,6 +29,7 @@ class FitSpec:
     devices: int = 2
     num_nodes: int = 1
     zero_stage: int = 0
+    zero3_persistence_threshold: int = 0  # ZeRO-3 keeps parameters this small whole on every rank (DeepSpeed: 1e5)
     max_steps: int = 6
     batch_size: int = 32
     seed: int = 7

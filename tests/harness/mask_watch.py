@@ -23,9 +23,10 @@ class MaskWatch(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         pruning = next(cb for cb in trainer.callbacks if isinstance(cb, GradualPruning))
-        names = sorted(pruning.masks)
+        full_masks = pruning.full_masks()
+        names = sorted(full_masks)
         params = [pl_module.get_parameter(n) for n in names]
-        masks = [pruning.masks[n] for n in names]
+        masks = [full_masks[n] for n in names]
         module_values = full_values(params)
         record = {
             "step": trainer.global_step,
@@ -46,4 +47,4 @@ class MaskWatch(Callback):
 
     def masks(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
         pruning = next(cb for cb in trainer.callbacks if isinstance(cb, GradualPruning))
-        return {name: mask.cpu() for name, mask in pruning.masks.items()}
+        return pruning.full_masks()
