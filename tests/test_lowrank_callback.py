@@ -87,6 +87,65 @@ def test_resume_mid_schedule_is_bitwise_exact(tmp_path: Path, quiet_trainer_kwar
         assert torch.equal(got[key], tensor), key
 
 
+class Trainable(Callback):
+    """The number of weights the optimizer trains, and the factor shapes, when training starts."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trained = sum(p.numel() for group in trainer.optimizers[0].param_groups for p in group["params"])
+        self.fc1_first = tuple(pl_module.net.fc1.first.shape)
+
+
+class MaskedOneShot(LowRankRefactoring):
+    """The same one-shot cut made the other way: full-rank factors, the rank mask cut at step 0."""
+
+    cuts_at_setup = False
+
+
+ONE_SHOT = {"rank_ratio": 0.25, "start_step": 0, "end_step": 1, "schedule": "constant"}
+
+
+def test_a_one_shot_cut_trains_the_smaller_factors_from_the_first_step(quiet_trainer_kwargs: dict[str, Any]) -> None:
+    """start_step=0 + constant + rank_ratio: setup factorises at the target ranks, so the optimizer never holds the
+    full-rank factors; it trains what the rank-mask route trains (one model, up to float summation order)."""
+    small, masked = Trainable(), Trainable()
+    lowrank = LowRankRefactoring(**ONE_SHOT)
+    assert lowrank.cuts_at_setup
+    dense_params = sum(p.numel() for p in ImageClassifier(image_size=8).parameters())
+    model = fit(quiet_trainer_kwargs, [lowrank, small], max_steps=12)
+    reference = fit(quiet_trainer_kwargs, [MaskedOneShot(**ONE_SHOT), masked], max_steps=12)
+    assert small.fc1_first == (32, 256) and masked.fc1_first == (128, 256)  # target rank 32 of 128
+    assert small.trained < 0.5 * dense_params < masked.trained
+    assert lowrank.target_ranks == {"net.conv1": 3, "net.conv2": 16, "net.fc1": 32, "net.fc2": 3}
+    images = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), reference.eval()(images), atol=1e-4, rtol=1e-4)
+    assert model.net.fc1.first.shape == reference.net.fc1.first.shape == (32, 256)  # both truncated at fit end
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {**ONE_SHOT, "schedule": "cubic", "end_step": 10},
+        {**ONE_SHOT, "start_step": 5, "end_step": 6},
+        {**ONE_SHOT, "start_step": 5, "end_step": 6, "calibration_steps": 5},
+        {"energy": 0.8, "start_step": 0, "end_step": 1, "schedule": "constant"},
+    ],
+)
+def test_a_cut_that_depends_on_training_keeps_the_full_rank_factors_until_it_is_made(kwargs: dict[str, Any]) -> None:
+    assert not LowRankRefactoring(**kwargs).cuts_at_setup
+
+
+def test_a_one_shot_cut_resumes_bitwise(tmp_path: Path, quiet_trainer_kwargs: dict[str, Any]) -> None:
+    def callbacks() -> list[Callback]:
+        return [LowRankRefactoring(**ONE_SHOT, truncate_at_fit_end=False)]
+
+    whole, resumed = whole_and_resumed(quiet_trainer_kwargs, tmp_path, callbacks, max_steps=24)
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys() and expected["net.fc1.first"].shape == (32, 256)
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+
+
 def test_the_monitor_logs_fewer_parameters_as_the_rank_falls(quiet_trainer_kwargs: dict[str, Any]) -> None:
     from lightning_compress import CompressionMonitor
 

@@ -44,6 +44,15 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
     ``energy`` and ``param_budget`` are then chosen from the whitened spectrum at ``start_step``; a layer whose
     target would save nothing keeps its full rank and is made dense again at truncation.
 
+    **Trains smaller when the cut is one-shot.** With ``rank_ratio``, ``start_step=0``, ``schedule="constant"`` and
+    no calibration (the configuration that measured best so far), the cut needs nothing from training: ``setup``
+    factorises every layer straight at its target rank, and training runs with the smaller factors, their fewer
+    parameters, optimizer state and FLOPs, from the first step (under DDP and DeepSpeed alike). Wherever the rank
+    must fall while training (a ramp, a calibration window, or an ``energy``/``param_budget`` target, which depends
+    on the weights and so is not reproducible at a resume's ``setup``), the layers hold full-rank factors until fit
+    end: ``rank * (in + out)`` weights at ``rank = min(in, out)``, twice a square layer's dense weights, with their
+    optimizer state, and the FLOPs of both factors at full rank.
+
     Exactly one target: ``rank_ratio`` (each layer keeps that fraction of its full rank), ``energy`` (each layer
     keeps the fewest singular directions holding that share of its squared singular values), or ``param_budget``
     (the targeted layers together keep that fraction of their dense weights, shared out so that every layer keeps
@@ -165,6 +174,11 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
         self.full_ranks = {name: layer.rank for name, layer in self.layers.items()}
         for name, reason in self.skipped.items():
             rank_zero_info(f"LowRankRefactoring: {name} stays dense: {reason}.")
+        if self.cuts_at_setup:
+            rank_zero_info(
+                f"LowRankRefactoring: {len(self.layers)} layers factorised at their target ranks at setup (one-shot"
+                f" cut at step 0): ranks {_ranks_text(self.target_ranks)}; training runs with the smaller factors."
+            )
 
     def prepare(self, model: nn.Module) -> tuple[dict[str, _Factorised], dict[str, int], dict[str, str]]:
         """Factorise the targeted layers of ``model`` in place (what ``setup`` does). Returns the factorised layers,
@@ -211,10 +225,16 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             module = getattr(parent, child)
-            layer, _ = factorise_layer(module)
+            layer, _ = factorise_layer(module, targets[name] if self.cuts_at_setup else None)
             setattr(parent, child, layer)
             layers[name] = layer
         return layers, targets, skipped
+
+    @property
+    def cuts_at_setup(self) -> bool:
+        """Whether ``setup`` factorises straight at the target ranks (one-shot ``rank_ratio`` at step 0, no
+        calibration): the ranks then depend on the layers' shapes alone, so a resumed run builds the same factors."""
+        return self.criterion == "rank_ratio" and not self.calibration_steps and self.ramp.value_at(0, 1.0) >= 1.0
 
     @property
     def _targets_from_data(self) -> bool:

@@ -25,12 +25,15 @@ from lightning_compress.protocol import LayerFigures, LayerStorage
 __all__ = ["factor"]
 
 
-def factor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(first, second, singular_values)`` of a 2-D ``weight`` at full rank: ``second @ first == weight``."""
+def factor(weight: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(first, second, singular_values)`` of a 2-D ``weight``: at full rank ``second @ first == weight``; with
+    ``rank``, its ``rank`` leading singular directions (the best approximation of that rank, Eckart-Young). The
+    singular values are all of them."""
     u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    root = s.sqrt()
-    first = (root[:, None] * vh).to(weight.dtype)
-    second = (u * root[None, :]).to(weight.dtype)
+    keep = s.numel() if rank is None else rank
+    root = s[:keep].sqrt()
+    first = (root[:, None] * vh[:keep]).to(weight.dtype)
+    second = (u[:, :keep] * root[None, :]).to(weight.dtype)
     return first, second, s.float()
 
 

@@ -36,15 +36,16 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return weight.t() if weight_is_transposed(module) else weight.reshape(weight.shape[0], -1)
 
 
-def factorise_layer(module: nn.Module) -> tuple[_Factorised, torch.Tensor]:
-    """The full-rank factorised layer computing what ``module`` computes, and its singular values. Gathers under
-    ZeRO-3. Raises TypeError for a layer of another type, ValueError for a grouped or non-zero-padded Conv2d."""
+def factorise_layer(module: nn.Module, rank: int | None = None) -> tuple[_Factorised, torch.Tensor]:
+    """The full-rank factorised layer computing what ``module`` computes (with ``rank``: its best approximation of
+    that rank, factors that small), and its singular values. Gathers under ZeRO-3. Raises TypeError for a layer of
+    another type, ValueError for a grouped or non-zero-padded Conv2d."""
     if isinstance(module, nn.Linear):
-        return LowRankLinear.from_linear(module)
+        return LowRankLinear.from_linear(module, rank)
     if isinstance(module, nn.Conv2d):
-        return LowRankConv2d.from_conv2d(module)
+        return LowRankConv2d.from_conv2d(module, rank)
     if weight_is_transposed(module):
-        return LowRankConv1D.from_conv1d(module)
+        return LowRankConv1D.from_conv1d(module, rank)
     raise TypeError(
         f"`module` is a {type(module).__name__}, which has no factorised form; supported: nn.Linear, nn.Conv2d"
         " (groups=1, zero padding) and transformers' Conv1D. HINT: exclude it from the layers to factorise."
@@ -70,22 +71,23 @@ class LowRankLinear(_Factorised):
         self._init_factors((rank, in_features), (out_features, rank), bias, transposed=inference_layout)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> tuple[LowRankLinear, torch.Tensor]:
-        """The full-rank factorisation of ``linear`` (same outputs) and its singular values. Gathers under ZeRO-3."""
+    def from_linear(cls, linear: nn.Linear, rank: int | None = None) -> tuple[LowRankLinear, torch.Tensor]:
+        """The full-rank factorisation of ``linear`` (same outputs; ``rank``: truncated to it) and its singular
+        values. Gathers under ZeRO-3."""
         if weight_is_transposed(linear):
             raise TypeError(
                 "`linear` is a transformers Conv1D, whose weight is stored (in, out): from_linear would factorise its"
                 " transpose. HINT: LowRankConv1D.from_conv1d(layer), or factorise_layer(layer) for any supported layer."
             )
-        return cls._from_dense(linear)
+        return cls._from_dense(linear, rank)
 
     @classmethod
-    def _from_dense(cls, dense: nn.Module) -> tuple[LowRankLinear, torch.Tensor]:
+    def _from_dense(cls, dense: nn.Module, rank: int | None) -> tuple[LowRankLinear, torch.Tensor]:
         params = [dense.weight] + ([] if dense.bias is None else [dense.bias])
         with gathered(params):
             matrix = weight_matrix(dense)
             out_features, in_features = matrix.shape
-            first, second, singular = factor(matrix)
+            first, second, singular = factor(matrix, rank)
             layer = cls(in_features, out_features, first.shape[0], dense.bias is not None).to(first.device, first.dtype)
             layer._load_factors(first, second, dense.bias)
         return layer, singular
@@ -146,8 +148,9 @@ class LowRankConv2d(_Factorised):
         self._init_factors((rank, in_channels, *self.kernel_size), (out_channels, rank), bias)
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d) -> tuple[LowRankConv2d, torch.Tensor]:
-        """The full-rank factorisation of ``conv`` (same outputs) and its singular values. Gathers under ZeRO-3."""
+    def from_conv2d(cls, conv: nn.Conv2d, rank: int | None = None) -> tuple[LowRankConv2d, torch.Tensor]:
+        """The full-rank factorisation of ``conv`` (same outputs; ``rank``: truncated to it) and its singular
+        values. Gathers under ZeRO-3."""
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError(
                 f"LowRankConv2d factorises convolutions with groups=1 and zero padding; got groups={conv.groups},"
@@ -156,7 +159,7 @@ class LowRankConv2d(_Factorised):
         params = [conv.weight] + ([] if conv.bias is None else [conv.bias])
         with gathered(params):
             out_channels, in_channels, *kernel = full_shape(conv.weight)
-            first, second, singular = factor(conv.weight.reshape(out_channels, -1))
+            first, second, singular = factor(conv.weight.reshape(out_channels, -1), rank)
             padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
             layer = cls(in_channels, out_channels, list(kernel), first.shape[0], list(conv.stride), padding,
                         list(conv.dilation), conv.bias is not None).to(first.device, first.dtype)  # fmt: skip
@@ -218,14 +221,15 @@ class LowRankConv1D(LowRankLinear):
     _transposed_weight = True
 
     @classmethod
-    def from_conv1d(cls, conv1d: nn.Module) -> tuple[LowRankConv1D, torch.Tensor]:
-        """The full-rank factorisation of a transformers ``Conv1D`` and its singular values. Gathers under ZeRO-3."""
+    def from_conv1d(cls, conv1d: nn.Module, rank: int | None = None) -> tuple[LowRankConv1D, torch.Tensor]:
+        """The full-rank factorisation of a transformers ``Conv1D`` (``rank``: truncated to it) and its singular
+        values. Gathers under ZeRO-3."""
         if not weight_is_transposed(conv1d):
             raise TypeError(
                 f"`conv1d` must be a transformers.pytorch_utils.Conv1D, got {type(conv1d).__name__}."
                 " HINT: factorise_layer(layer) picks the constructor for any supported layer."
             )
-        return cls._from_dense(conv1d)
+        return cls._from_dense(conv1d, rank)
 
     @property
     def nf(self) -> int:
