@@ -170,8 +170,8 @@ def _mask_fp32_master(param: nn.Parameter, piece: torch.Tensor) -> None:
     if is_zero3_partitioned(param):
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-        local = safe_get_local_fp32_param(param)
-        safe_set_local_fp32_param(param, local * piece.view_as(local).to(local.device))
+        local = safe_get_local_fp32_param(param)  # a view of the partition (no offload), or a copy of it
+        safe_set_local_fp32_param(param, local.data.mul_(piece.view_as(local).to(local.device)))
     else:
         fragment = param._hp_mapping.get_hp_fragment()
         fragment.data.mul_(piece.view_as(fragment).to(fragment.device))

@@ -93,37 +93,40 @@ def lowest_across_ranks(
     def keys(name: str) -> torch.Tensor:
         return _keys(scores[name].to(device))
 
-    want = torch.tensor(counts, dtype=torch.int64)  # the rank, 1-based, of the threshold among the remaining keys
-    prefix = torch.zeros(groups, dtype=torch.int64)
-    tied = torch.zeros(groups, dtype=torch.int64)
-    active = want > 0
+    want = [int(c) for c in counts]  # the rank, 1-based, of the threshold among the keys still in the running
+    prefix = [0] * groups  # the threshold's key, digit by digit from the most significant
+    tied = [0] * groups
+    everything = [False] * groups  # more asked for than there are: all of them
+    active = [w > 0 for w in want]
     for shift in _ROUNDS:
         histogram = torch.zeros(groups, 256, dtype=torch.int64, device=device)
         for name in names:
             g = group_of[name]
             if active[g]:
                 key = keys(name)
-                candidates = key if shift == _ROUNDS[0] else key[(key >> (shift + 8)) == (prefix[g] >> (shift + 8))]
-                histogram[g] += torch.bincount((candidates >> shift) & 255, minlength=256)
+                if shift != _ROUNDS[0]:
+                    key = key[(key >> (shift + 8)) == (prefix[g] >> (shift + 8))]
+                histogram[g] += torch.bincount(_digit(key, shift), minlength=256)
         dist.all_reduce(histogram, group=process_group)
-        histogram = histogram.cpu()
-        cumulative = histogram.cumsum(dim=1)
+        cumulative = histogram.cpu().cumsum(dim=1)
         for g in range(groups):
             if not active[g]:
                 continue
-            if want[g] > cumulative[g, -1]:  # more asked for than there are: all of them
-                want[g], prefix[g], tied[g] = 0, 1 << 40, 0
-                active[g] = False
+            if want[g] > int(cumulative[g, -1]):
+                everything[g], active[g] = True, False
                 continue
-            digit = int(torch.searchsorted(cumulative[g], want[g : g + 1])[0])  # the first bin that reaches it
-            want[g] -= cumulative[g, digit - 1] if digit else 0
-            prefix[g] |= digit << shift
-            tied[g] = histogram[g, digit]
+            digit = int(torch.searchsorted(cumulative[g], torch.tensor([want[g]]))[0])  # the first bin reaching it
+            want[g] -= int(cumulative[g, digit - 1]) if digit else 0
+            prefix[g] |= (digit - 128 if shift == _ROUNDS[0] else digit) << shift  # the top digit is signed
+            tied[g] = int(cumulative[g, digit] - (cumulative[g, digit - 1] if digit else 0))
     partial = {g for g in range(groups) if active[g] and want[g] < tied[g]}
     chosen, ties = {}, {}
     for name in names:
         g, key = group_of[name], keys(name)
-        chosen[name] = key < prefix[g]
+        if everything[g]:
+            chosen[name] = torch.ones_like(key, dtype=torch.bool)
+            continue
+        chosen[name] = key < prefix[g] if active[g] else torch.zeros_like(key, dtype=torch.bool)
         if g in partial:
             ties[name] = torch.nonzero(key == prefix[g]).flatten()
         elif active[g]:
@@ -136,7 +139,7 @@ def lowest_across_ranks(
 def _break_ties(
     ties: Mapping[str, torch.Tensor],
     group_of: Mapping[str, int],
-    want: torch.Tensor,
+    want: list[int],
     chosen: dict[str, torch.Tensor],
     process_group: object,
     tie_order: Mapping[str, torch.Tensor],
@@ -171,10 +174,16 @@ def _break_ties(
 
 
 def _keys(scores: torch.Tensor) -> torch.Tensor:
-    """Integer keys in the scores' order: ``-1`` (pruned) is 0, a score ``x >= 0`` its float32 bit pattern + 1."""
-    scores = scores.detach().float() + 0.0  # -0.0 becomes +0.0: they tie, as they compare equal
-    bits = scores.view(torch.int32).to(torch.int64) + 1
-    return torch.where(scores < 0, torch.zeros_like(bits), bits)
+    """int32 keys in the scores' order: a float32's bit pattern read as an integer orders the non-negative floats
+    as their values do, and every pruned unit (-1.0) falls below them all (one negative key)."""
+    return (scores.detach().float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes +0.0 (they tie, being equal)
+
+
+def _digit(key: torch.Tensor, shift: int) -> torch.Tensor:
+    """The key's 8-bit digit at ``shift``, in [0, 256) and in the keys' order (the top digit is signed: offset)."""
+    if shift == _ROUNDS[0]:
+        return (key >> shift).add_(128)
+    return (key >> shift) & 255
 
 
 def _comm_device(process_group: object) -> torch.device:
