@@ -205,13 +205,13 @@ trainer:
       init_args: {{rank_ratio: {RATIO}, calibration_steps: 4, start_step: 8, end_step: 22, update_every: 3,
                    schedule: linear, truncate_at_fit_end: false}}
 """
-# Input statistics over steps 5-8 (every rank's batches, all-reduced each batch), rebase at 8 (factors, DeepSpeed's
-# fp32 masters and Adam's moments), rank updates at 8, 11, ..., 20, 22 judged by the hidden components' energy since
-# the previous update. The stop at 19 falls mid-ramp, with that energy in the checkpoint.
+# Input statistics over steps 5-8 (every rank's batches, all-reduced once, at the window's end), rebase at 8 (factors,
+# DeepSpeed's fp32 masters and Adam's moments), rank updates at 8, 11, ..., 20, 22 judged by the hidden components'
+# energy since the previous update. The stop at 19 falls mid-ramp, with that energy in the checkpoint.
 
 
 @pytest.fixture(scope="module")
-def calibrated_fit(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], FitResult]:
+def calibrated_fit(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., FitResult]:
     return fits_by_strategy(tmp_path_factory.mktemp, CALIBRATED_RECIPE, max_steps=MAX_STEPS,
                             checkpoint_every_n_steps=STOP_STEP)  # fmt: skip
 
@@ -227,6 +227,20 @@ def test_calibrated_ranks_agree_and_reach_the_targets(name: str, calibrated_fit:
         assert torch.isfinite(tensor.float()).all(), key
     assert {layer: int(mask.sum()) for layer, mask in masks(rank0).items()} == TARGETS
     assert "rebased 4 layers on their input statistics (the batches of steps 5-8)" in result.log
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero3"])
+def test_statistics_summed_over_the_ranks_once_give_the_rebase_summing_every_batch_gives(
+    name: str, calibrated_fit: Callable[..., FitResult]
+) -> None:
+    """The ranks add up their input statistics once, at the window's end (float64 sums of each batch's float32
+    products), instead of at every batch: the same totals, so bitwise the same rebase and everything after it."""
+    once, every_batch = calibrated_fit(name), calibrated_fit(name, sync_statistics_every_batch=True)
+    for rank in range(2):
+        expected, got = every_batch.ranks[rank]["state_dict"], once.ranks[rank]["state_dict"]
+        assert got.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(got[key], tensor), f"rank {rank}: {key} differs"
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])

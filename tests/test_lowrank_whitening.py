@@ -153,12 +153,13 @@ def test_a_layer_feeds_its_statistics_in_training_mode_only() -> None:
     layer.eval()(torch.randn(7, 6))  # validation: not counted
     sync([layer.statistics])
     assert layer.statistics.rows == 10
-    torch.testing.assert_close(layer.statistics.mean(), (x.reshape(-1, 6).T @ x.reshape(-1, 6)) / 10)
+    expected = (x.reshape(-1, 6).T @ x.reshape(-1, 6)).double() / 10  # float64 sums of the float32 products
+    torch.testing.assert_close(layer.statistics.mean(), expected)
     layer.statistics = LayerStatistics("hidden", layer.rank)
     layer.train()(x)
     sync([layer.statistics])
     hidden = x.reshape(-1, 6) @ layer.first.detach().T
-    torch.testing.assert_close(layer.statistics.mean(), hidden.square().mean(0))
+    torch.testing.assert_close(layer.statistics.mean(), hidden.square().mean(0).double())
 
 
 def test_statistics_survive_a_state_dict_round_trip_and_keep_adding() -> None:

@@ -77,7 +77,7 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
         calibration_steps: optimizer steps before ``start_step`` over which the layers' input statistics are
             gathered for the activation-aware rebase (0: rank by the weights alone); at most ``start_step``. A
             few dozen batches suffice; while gathering, each layer also computes ``x^T x`` of its inputs and the
-            ranks exchange it once per batch.
+            ranks add up their sums once, at the window's end (and at a checkpoint written during it).
     """
 
     def __init__(
@@ -257,7 +257,8 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        sync(list(self.statistics.values()))  # every rank, every batch, while gathering: totals agree everywhere
+        if self.statistics and self._reads_totals(step):
+            sync(list(self.statistics.values()))  # every rank at once: the totals agree everywhere
         if self.calibration_steps and not self.rebased and step >= self.start_step:
             self._rebase(trainer)
         self._update(trainer, step)
@@ -289,8 +290,11 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """The target ranks, and while statistics are gathered their totals over every rank (a collective: Lightning
+        calls it on every rank)."""
         state: dict[str, Any] = {"target_ranks": dict(self.target_ranks)}
         if self.calibration_steps:
+            sync(list(self.statistics.values()))  # a checkpoint written mid-window holds what every rank saw
             state["rebased"] = self.rebased
             state["statistics"] = {name: stats.state_dict() for name, stats in self.statistics.items()}
         return state
@@ -333,6 +337,11 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
         for name, layer in self.layers.items():
             layer.statistics = self.statistics.get(name)
 
+    def _reads_totals(self, step: int) -> bool:
+        """Whether this batch end reads the statistics' totals: the rebase, or a rank update (its first batch)."""
+        rebases = bool(self.calibration_steps) and not self.rebased and step >= self.start_step
+        return rebases or (self.should_update(step) and step != self._updated_at)
+
     def _rebase(self, trainer: pl.Trainer) -> None:
         """Rebase every layer's factors on its activation-whitened SVD, carry the optimizer's moments into the new
         basis, and (energy / budget) choose the target ranks from the whitened spectra. Collective."""
@@ -349,7 +358,7 @@ class LowRankRefactoring(composition.Composable, Ramped, Callback):
         self.statistics = {}
         for name, energy in energies.items():  # the first rank update judges components by the calibration data
             stats = LayerStatistics("hidden", self.layers[name].rank)
-            stats.total, stats.rows = energy, 1
+            stats.total, stats.rows = energy.double(), 1
             self.statistics[name] = stats
         if unseen:
             rank_zero_info(

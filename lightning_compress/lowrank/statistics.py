@@ -23,7 +23,7 @@ Kind = Literal["inputs", "hidden"]
 
 
 class LayerStatistics:
-    """Running sums of one kind for one layer: ``total`` (every rank, synced) and ``rows`` seen.
+    """Running sums of one kind for one layer, in float64: ``total`` (every rank, synced) and ``rows`` seen.
 
     ``features`` is the row width: the layer's input size (``inputs``) or its rank (``hidden``).
     """
@@ -39,7 +39,7 @@ class LayerStatistics:
     def add(self, rows: torch.Tensor) -> None:
         """Add a ``[count, features]`` block of inputs (kind ``inputs``) or hidden activations (``hidden``)."""
         rows = rows.detach().float()
-        part = rows.T @ rows if self.kind == "inputs" else rows.square().sum(0)
+        part = (rows.T @ rows if self.kind == "inputs" else rows.square().sum(0)).double()
         self._local = part if self._local is None else self._local + part
         self._local_rows += rows.shape[0]
 
@@ -57,7 +57,7 @@ class LayerStatistics:
         """This rank saw no row since the last sync: it adds zeros of the shape every rank agrees on."""
         shape = (self.features, self.features) if self.kind == "inputs" else (self.features,)
         device = self.total.device if self.total is not None else None
-        return torch.zeros(shape, device=device)
+        return torch.zeros(shape, dtype=torch.float64, device=device)
 
     def mean(self) -> torch.Tensor:
         """The per-row average of the synced sums."""
@@ -73,14 +73,18 @@ class LayerStatistics:
     def from_state_dict(cls, state: dict[str, object]) -> LayerStatistics:
         out = cls(state["kind"], int(state["features"]))  # type: ignore[arg-type]
         total = state["total"]
-        out.total = None if total is None else torch.as_tensor(total).clone()
+        out.total = None if total is None else torch.as_tensor(total).double()  # older checkpoints: float32
         out.rows = int(state["rows"])  # type: ignore[arg-type]
         return out
 
 
 def sync(statistics: list[LayerStatistics]) -> None:
     """Add every rank's local sums into each total: one all-reduce for all of ``statistics`` (collective in a process
-    group: every rank must call it with the same layers in the same order)."""
+    group: every rank must call it with the same layers in the same order).
+
+    LowRankRefactoring calls it when the totals are read (the rebase at the window's end, a rank update) and when a
+    checkpoint is written, not per batch: the sums are float64 (each batch's float32 products added exactly, in
+    practice), so one all-reduce at the end gives the totals a per-batch one would, at a fraction of the traffic."""
     import torch.distributed as dist
 
     if not statistics:
@@ -103,4 +107,4 @@ def sync(statistics: list[LayerStatistics]) -> None:
     sizes = [t.numel() for t in locals_] + [len(statistics)]
     *parts, rows = torch.split(flat, sizes)
     for stats, local, part, count in zip(statistics, locals_, parts, rows.tolist(), strict=True):
-        stats._add_synced(part.view(local.shape).to(local.device, torch.float32), int(count))
+        stats._add_synced(part.view(local.shape).to(local.device), int(count))

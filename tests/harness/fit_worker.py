@@ -147,6 +147,10 @@ def fit(spec: dict[str, Any]) -> tuple[int, list[subprocess.Popen]]:
         import lightning_compress.distributed as distributed
 
         distributed._mask_fp32_master = lambda param, piece: None
+    if spec.get("sync_statistics_every_batch"):  # the reference: the totals summed over the ranks at every batch
+        from lightning_compress import LowRankRefactoring
+
+        LowRankRefactoring._reads_totals = lambda self, step: True
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=spec["devices"],

@@ -37,6 +37,7 @@ class FitSpec:
     watch_masks: bool = False
     save_checkpoint: bool = False
     mask_module_only: bool = False
+    sync_statistics_every_batch: bool = False  # LowRankRefactoring all-reduces its statistics every batch (reference)
     checkpoint_every_n_steps: int | None = None  # ModelCheckpoint(every_n_train_steps=...) into out_dir/checkpoints
     resume_from: str | None = None  # ckpt_path for trainer.fit
     monitor: bool = False  # add a CompressionMonitor logging to a CSVLogger in out_dir/csv
