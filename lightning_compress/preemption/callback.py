@@ -87,6 +87,9 @@ class PreemptionCheckpoint(Callback):
         self._installed = False
         self._rng_states: list[dict[str, Any]] | None = None  # every rank's, while a preemption checkpoint is saved
         self._restore_rng: list[dict[str, Any]] | None = None
+        self._epoch_end = False  # the checkpoint being written follows an epoch's last batch
+        self._restored_early = False  # load_state_dict restored the random states (a checkpoint at an epoch's end)
+        self._rank: tuple[int, int] | None = None  # (global rank, world size), for load_state_dict
         self.job: str | None = None
         self.saved: Path | None = None  # the checkpoint this fit was preempted into
 
@@ -115,6 +118,7 @@ class PreemptionCheckpoint(Callback):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionCheckpoint must be set up in the main thread: only it can catch signals.")
         self.job = slurm.job_key()
+        self._rank = (trainer.global_rank, trainer.world_size)
         self._check_resume_checkpoint(trainer)
         self._requested = False
         self._checked_step = None
@@ -153,10 +157,29 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._restore_rng is not None:
-            if len(self._restore_rng) == trainer.world_size:
-                rng.restore(self._restore_rng[trainer.global_rank])
-            self._restore_rng = None
+        # Creating a loader iterator draws from the global RNG (DataLoader's base seed). Lightning creates the resumed
+        # epoch's iterator before this hook. Mid-epoch, the run never stopped had created it before the checkpoint:
+        # restore here, after it. At an epoch's end, it created the next epoch's iterator after the checkpoint, so
+        # load_state_dict restored before this one was created; only if this iterator turns out empty (a loader
+        # that resumes into its finished epoch) does Lightning run an empty epoch first and create the next
+        # epoch's iterator after on_train_epoch_start, where the states are restored again.
+        if self._restore_rng is not None and not self._restored_early:
+            self._restore_now(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restore_rng is not None:  # the resumed iterator was empty: no batch has run since the resume
+            self._restore_now(trainer)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._restore_rng, self._restored_early = None, False
+
+    def _restore_now(self, trainer: pl.Trainer) -> None:
+        assert self._restore_rng is not None
+        if len(self._restore_rng) == trainer.world_size:
+            rng.restore(self._restore_rng[trainer.global_rank])
+        self._restore_rng, self._restored_early = None, False
 
     @override
     def on_train_batch_end(
@@ -183,6 +206,7 @@ class PreemptionCheckpoint(Callback):
             files.remove(written)
         trainer.strategy.barrier("PreemptionCheckpoint.clear")
         self._rng_states = gather_objects(rng.capture(), trainer.world_size)
+        self._epoch_end = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         try:
             trainer.save_checkpoint(written)  # every rank: DeepSpeed writes each rank's shards
         finally:
@@ -206,11 +230,19 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._rng_states is None else {"rng": self._rng_states}
+        return {} if self._rng_states is None else {"rng": self._rng_states, "epoch_end": self._epoch_end}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restore_rng = state_dict.get("rng")
+        self._restored_early = False
+        # After an epoch's last batch: restore before Lightning creates the next epoch's loader iterator (in the
+        # fit loop's setup_data, before on_train_start), so that it draws what the run never stopped drew.
+        if self._restore_rng is not None and state_dict.get("epoch_end") and self._rank is not None:
+            rank, world_size = self._rank
+            if len(self._restore_rng) == world_size:
+                rng.restore(self._restore_rng[rank])
+                self._restored_early = True
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
