@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import _timing  # noqa: E402
 SCRIPTS = (
     "callback_hook_time",
     "composed_cnn",
+    "gpu",
     "int8_speed",
     "lowrank_accuracy",
     "lowrank_speed",
@@ -43,6 +45,7 @@ SCRIPTS = (
     "qat_accuracy",
     "stabilizer_overhead",
     "stabilizer_shock",
+    "zero3_memory",
 )
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
@@ -256,6 +259,7 @@ SMOKE_RUNS: dict[str, tuple[list[str], set[str]]] = {
     "qat_accuracy": ([], {"minilm_qat_late", "minilm_torchao"}),
     "stabilizer_overhead": ([], set()),
     "stabilizer_shock": ([], set()),
+    "zero3_memory": ([], {"prune_layer", "prune_2to4", "lowrank_ramp", "qat", "gpt2"}),
 }
 
 
@@ -276,6 +280,24 @@ def test_every_script_completes_its_smoke_run_with_results_shaped_like_the_commi
     record = run_script(name, extra, tmp_path)
     assert record["benchmark"] == name and record["settings"]["smoke"] is True
     assert missing_fields(name, record, not_run) == []
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_end_to_end_as_a_dry_run_and_says_what_it_skipped(tmp_path: Path) -> None:
+    """Without CUDA (and with --smoke) the GPU script runs every step at tiny sizes on the CPU: ZeRO-3 fits with the
+    callbacks, the 2:4 masks, the low-rank inference model; the CUDA-only steps are skipped, each named. (Its CUDA
+    figures are committed from a GPU machine; none has run it yet, so there is no committed file to compare with.)"""
+    record = run_script("gpu", [], tmp_path)
+    assert record["dry_run"] is True and record["device"] == "CPU (dry run)"
+    assert any("semi-structured" in line for line in record["skipped"]) and any("bf16" in s for s in record["skipped"])
+    fits = record["zero"]
+    assert set(fits) == {"zero3/none", "zero3/prune_2to4", "zero3/lowrank_one_shot"}
+    assert all(math.isfinite(fit["final_loss"]) and fit["cuda_peak_gb"] is None for fit in fits.values())
+    assert fits["zero3/prune_2to4"]["sparsity"] == pytest.approx(0.5)
+    assert fits["zero3/lowrank_one_shot"]["params_trained"] < fits["zero3/none"]["params_trained"]
+    assert all(shape["mask_is_2to4"] and "speedup" not in shape for shape in record["sparse24"].values())
+    assert record["inference"]["lowrank_0.25"]["params"] < record["inference"]["dense"]["params"]
+    assert "DRY RUN" in (tmp_path / "gpu.md").read_text()
 
 
 @pytest.mark.slow
