@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import HARNESS_DIR, free_port, subprocess_env
+from launch import COMMUNICATION_THREADS, HARNESS_DIR, free_port, subprocess_env
 
 pytestmark = [pytest.mark.distributed]
 
@@ -29,6 +29,9 @@ def records(tmp_path_factory: pytest.TempPathFactory) -> list[list[dict]]:
         timeout=300, start_new_session=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:]
+    for rank in range(2):  # a gloo thread alive at exit can abort a process that has finished (teardown.py)
+        exit_state = json.loads(Path(out_dir, f"exit{rank}.json").read_text())
+        assert not exit_state["process_group"] and not COMMUNICATION_THREADS & set(exit_state["threads"]), exit_state
     return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(2)]
 
 

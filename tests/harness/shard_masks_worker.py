@@ -12,6 +12,7 @@ Usage: torchrun --nproc-per-node=2 shard_masks_worker.py OUT_DIR
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Mapping
@@ -22,12 +23,14 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 from cpu_deepspeed import skip_shm_comm_build
+from launch import exit_record
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_compress import distributed
 from lightning_compress.pruning.patterns import Pattern, Scope, Unstructured, compute_masks, register_pattern
 from lightning_compress.pruning.sharded import shard_masks
+from lightning_compress.teardown import destroy_process_groups
 
 
 @register_pattern
@@ -142,9 +145,17 @@ def main(out_dir: str) -> None:
     for levels in (4, None):
         for pattern_text, scope, sparsities in RUNS:
             records += check_run(model, pattern_text, scope, sparsities, levels)
-    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(records))
+    rank = dist.get_rank()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(records))
     dist.barrier()
-    dist.destroy_process_group()
+    # ZeRO-3 parameters hold their process group (``ds_process_group``): while the model lives, so do the gloo
+    # backend and its threads, and one still releasing a collective's tensors at interpreter exit aborts the process
+    # (lightning_compress.teardown). Free the model, then destroy the groups, then collect what held them.
+    del model
+    gc.collect()
+    destroy_process_groups()
+    gc.collect()
+    Path(out_dir, f"exit{rank}.json").write_text(json.dumps(exit_record()))
 
 
 if __name__ == "__main__":
