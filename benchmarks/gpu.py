@@ -140,13 +140,19 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                          enable_model_summary=False, callbacks=[*compress, timer])  # fmt: skip
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     pruning = [cb for cb in compress if isinstance(cb, GradualPruning)]
-    return {
+    result = {
         "median_step_ms": 1000 * statistics.median(timer.times[3:] or timer.times),
         "cuda_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "final_loss": module.last_loss,
         "sparsity": pruning[0].sparsity() if pruning else None,
         "params_trained": sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad),
     }
+    if dry:  # the test strategy frees what DeepSpeed keeps, so no gloo thread outlives the fit (teardown.py)
+        trainer.strategy.release()
+    from lightning_compress.teardown import destroy_process_groups
+
+    destroy_process_groups()
+    return result
 
 
 def zero_fits(run: Any, dry: bool) -> dict[str, dict[str, Any]]:
